@@ -1,0 +1,305 @@
+"""Every setting of the gateway, read once at start and validated.
+
+Environment variables keep the seed's names and meanings. What environment
+variables express badly (roles, channel policies) lives in an optional YAML
+file named by ``REDIS_WS_GATEWAY_CONFIG``. Any invalid value raises
+``ConfigError`` naming the setting and the value, and the process stops.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+Policy = Literal["conflate", "drop-oldest", "disconnect"]
+POLICIES: tuple[Policy, ...] = ("conflate", "drop-oldest", "disconnect")
+LogFormat = Literal["json", "console", "auto"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value the gateway cannot run with."""
+
+    def __init__(self, setting: str, value: object, reason: str) -> None:
+        shown = "<secret>" if _is_secret(setting) else repr(value)
+        super().__init__(f"invalid setting {setting}={shown}: {reason}")
+        self.setting = setting
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name.upper() for word in ("KEY", "SECRET", "PASSWORD", "TOKEN"))
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    allow: tuple[str, ...]
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChannelPolicy:
+    """Slow-consumer policy for channels matching ``pattern`` (first match wins)."""
+
+    pattern: str
+    policy: Policy
+
+
+DEFAULT_ROLES: Mapping[str, RoleConfig] = {
+    "admin": RoleConfig(allow=("*",)),
+    "user": RoleConfig(allow=("*",)),
+}
+
+# Ticks and indicators are superseded by the next value, so keeping only the
+# latest is what a lagging screen wants; decisions and signals must never
+# vanish silently, so a consumer that cannot keep up is disconnected instead.
+DEFAULT_CHANNEL_POLICIES: tuple[ChannelPolicy, ...] = (
+    ChannelPolicy("market:*", "conflate"),
+    ChannelPolicy("indicators:*", "conflate"),
+    ChannelPolicy("engine:signal*", "disconnect"),
+    ChannelPolicy("engine:decision*", "disconnect"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8889
+    redis_url: str = "redis://127.0.0.1:6379"
+    require_auth: bool = False
+    api_key: str | None = None
+    default_role: str = "user"
+    max_channels_per_client: int = 50
+    max_wildcard_subscriptions: int = 5
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
+    config_file: str | None = None
+    unsubscribe_linger_seconds: float = 2.0
+    subscribe_timeout_seconds: float = 5.0
+    ws_ping_interval_seconds: float = 20.0
+    ws_max_message_bytes: int = 65536
+    redis_connect_timeout_seconds: float = 3.0
+    redis_health_check_interval_seconds: float = 1.0
+    redis_health_check_timeout_seconds: float = 3.0
+    redis_reconnect_min_seconds: float = 0.1
+    redis_reconnect_max_seconds: float = 5.0
+    drain_window_seconds: float = 10.0
+    shutdown_timeout_seconds: float = 25.0
+    outbound_buffer_bytes: int = 1_048_576
+    outbound_high_water_bytes: int = 65_536
+    slow_consumer_grace_seconds: float = 10.0
+    default_policy: Policy = "drop-oldest"
+    roles: Mapping[str, RoleConfig] = field(default_factory=lambda: dict(DEFAULT_ROLES))
+    channel_policies: tuple[ChannelPolicy, ...] = DEFAULT_CHANNEL_POLICIES
+
+
+T = TypeVar("T")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, raw, "expected true or false")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(name, raw, "expected a whole number") from None
+        if not lo <= value <= hi:
+            raise ConfigError(name, raw, f"expected a number from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(name, raw, "expected a number") from None
+        if not lo <= value <= hi:
+            raise ConfigError(name, raw, f"expected a number from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(name, raw, f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _redis_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(name, raw, "expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _nonempty(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(name, raw, "must not be empty")
+    return raw.strip()
+
+
+# env name -> (field name, parser). One table so CONFIG.md and the code cannot
+# disagree about which variable sets what.
+ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "REDIS_WS_GATEWAY_HOST": ("host", _nonempty),
+    "REDIS_WS_GATEWAY_PORT": ("port", _int_range(0, 65535)),
+    "REDIS_URL": ("redis_url", _redis_url),
+    "REQUIRE_AUTH": ("require_auth", _parse_bool),
+    "GATEWAY_API_KEY": ("api_key", _nonempty),
+    "DEFAULT_ROLE": ("default_role", _nonempty),
+    "MAX_CHANNELS_PER_CLIENT": ("max_channels_per_client", _int_range(1, 100_000)),
+    "MAX_WILDCARD_SUBSCRIPTIONS": ("max_wildcard_subscriptions", _int_range(0, 10_000)),
+    "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "LOG_FORMAT": ("log_format", _choice("json", "console", "auto")),
+    "REDIS_WS_GATEWAY_CONFIG": ("config_file", _nonempty),
+    "UNSUBSCRIBE_LINGER_SECONDS": ("unsubscribe_linger_seconds", _float_range(0, 3600)),
+    "SUBSCRIBE_TIMEOUT_SECONDS": ("subscribe_timeout_seconds", _float_range(0.01, 600)),
+    "WS_PING_INTERVAL_SECONDS": ("ws_ping_interval_seconds", _float_range(0.05, 3600)),
+    "WS_MAX_MESSAGE_BYTES": ("ws_max_message_bytes", _int_range(256, 16 * 1024 * 1024)),
+    "REDIS_CONNECT_TIMEOUT_SECONDS": ("redis_connect_timeout_seconds", _float_range(0.05, 600)),
+    "REDIS_HEALTH_CHECK_INTERVAL_SECONDS": (
+        "redis_health_check_interval_seconds",
+        _float_range(0.05, 600),
+    ),
+    "REDIS_HEALTH_CHECK_TIMEOUT_SECONDS": (
+        "redis_health_check_timeout_seconds",
+        _float_range(0.05, 600),
+    ),
+    "REDIS_RECONNECT_MIN_SECONDS": ("redis_reconnect_min_seconds", _float_range(0.001, 60)),
+    "REDIS_RECONNECT_MAX_SECONDS": ("redis_reconnect_max_seconds", _float_range(0.001, 600)),
+    "DRAIN_WINDOW_SECONDS": ("drain_window_seconds", _float_range(0, 3600)),
+    "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds", _float_range(0.1, 3600)),
+    "OUTBOUND_BUFFER_BYTES": ("outbound_buffer_bytes", _int_range(4096, 1 << 30)),
+    "OUTBOUND_HIGH_WATER_BYTES": ("outbound_high_water_bytes", _int_range(1024, 1 << 30)),
+    "SLOW_CONSUMER_GRACE_SECONDS": ("slow_consumer_grace_seconds", _float_range(0, 3600)),
+    "DEFAULT_CHANNEL_POLICY": ("default_policy", _choice(*POLICIES)),
+}
+
+
+def _roles_from_file(path: str, raw: object) -> dict[str, RoleConfig]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: roles", raw, "expected a mapping of role name to allow/deny")
+    roles: dict[str, RoleConfig] = {}
+    for name, spec in raw.items():
+        where = f"{path}: roles.{name}"
+        if not isinstance(name, str) or not isinstance(spec, dict):
+            raise ConfigError(where, spec, "expected a mapping with allow and deny lists")
+        unknown = set(spec) - {"allow", "deny"}
+        if unknown:
+            raise ConfigError(where, sorted(unknown), "unknown keys (allowed: allow, deny)")
+        allow = spec.get("allow", [])
+        deny = spec.get("deny", [])
+        for key, patterns in (("allow", allow), ("deny", deny)):
+            if not isinstance(patterns, list) or not all(
+                isinstance(p, str) and p for p in patterns
+            ):
+                raise ConfigError(f"{where}.{key}", patterns, "expected a list of glob patterns")
+        roles[name] = RoleConfig(allow=tuple(allow), deny=tuple(deny))
+    return roles
+
+
+def _policies_from_file(path: str, raw: object) -> tuple[ChannelPolicy, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: channel_policies", raw, "expected a list")
+    out: list[ChannelPolicy] = []
+    for i, item in enumerate(raw):
+        where = f"{path}: channel_policies[{i}]"
+        if not isinstance(item, dict) or set(item) != {"pattern", "policy"}:
+            raise ConfigError(where, item, "expected {pattern: <glob>, policy: <policy>}")
+        pattern, policy = item["pattern"], item["policy"]
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{where}.pattern", pattern, "expected a glob pattern")
+        if policy not in POLICIES:
+            raise ConfigError(f"{where}.policy", policy, f"expected one of {', '.join(POLICIES)}")
+        out.append(ChannelPolicy(pattern, policy))
+    return tuple(out)
+
+
+FILE_SECTIONS = ("roles", "channel_policies")
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("REDIS_WS_GATEWAY_CONFIG", path, f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("REDIS_WS_GATEWAY_CONFIG", path, f"not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("REDIS_WS_GATEWAY_CONFIG", path, "expected a YAML mapping at top level")
+    unknown = set(data) - set(FILE_SECTIONS)
+    if unknown:
+        raise ConfigError(
+            "REDIS_WS_GATEWAY_CONFIG",
+            path,
+            f"unknown sections {sorted(unknown)} (known: {', '.join(FILE_SECTIONS)})",
+        )
+    return data
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment (and the config file it names)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name, (attr, parse) in ENV_SETTINGS.items():
+        raw = env.get(name)
+        if raw is None or (raw == "" and attr in ("api_key", "config_file")):
+            continue
+        values[attr] = parse(name, raw)
+
+    path = values.get("config_file")
+    if path:
+        data = _load_file(path)
+        if "roles" in data:
+            values["roles"] = _roles_from_file(path, data["roles"])
+        if "channel_policies" in data:
+            values["channel_policies"] = _policies_from_file(path, data["channel_policies"])
+
+    settings = Settings(**values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(s: Settings) -> None:
+    if s.default_role not in s.roles:
+        raise ConfigError(
+            "DEFAULT_ROLE", s.default_role, f"no such role (known: {', '.join(sorted(s.roles))})"
+        )
+    if s.redis_reconnect_min_seconds > s.redis_reconnect_max_seconds:
+        raise ConfigError(
+            "REDIS_RECONNECT_MIN_SECONDS",
+            s.redis_reconnect_min_seconds,
+            "must not exceed REDIS_RECONNECT_MAX_SECONDS",
+        )
+    if s.outbound_high_water_bytes > s.outbound_buffer_bytes:
+        raise ConfigError(
+            "OUTBOUND_HIGH_WATER_BYTES",
+            s.outbound_high_water_bytes,
+            "must not exceed OUTBOUND_BUFFER_BYTES",
+        )
+    if s.require_auth and s.api_key is None:
+        # Without any credential source, requiring auth would lock everybody out.
+        raise ConfigError("REQUIRE_AUTH", "true", "needs GATEWAY_API_KEY to be set")

@@ -1,0 +1,160 @@
+"""A demo publisher that behaves like our users' trading modules, and the
+`demo` command that runs Redis, the gateway and the publisher together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+INSTRUMENTS = {"BANKNIFTY": 51_200.0, "NIFTY": 23_450.0}
+
+
+async def publish_forever(redis_url: str, rate: float = 10.0) -> None:
+    """Ticks at ``rate`` per instrument per second; signals, decisions and
+    indicators now and then, on the seed's channel names."""
+    r = aioredis.from_url(redis_url)
+    prices = dict(INSTRUMENTS)
+    step = 0
+    try:
+        while True:
+            now = time.time()
+            async with r.pipeline(transaction=False) as pipe:
+                for sym, price in prices.items():
+                    price *= math.exp(random.gauss(0, 0.0004))
+                    prices[sym] = price
+                    tick = {
+                        "symbol": sym,
+                        "ltp": round(price, 2),
+                        "volume": random.randint(25, 900),
+                        "bid": round(price - 0.05, 2),
+                        "ask": round(price + 0.05, 2),
+                        "ts": now,
+                    }
+                    body = orjson.dumps(tick)
+                    pipe.publish(f"market:tick:{sym}", body)
+                    pipe.publish("market:tick", body)
+                    if step % 10 == 0:
+                        rsi = 50 + 20 * math.sin(step / 50 + len(sym))
+                        pipe.publish(
+                            f"indicators:{sym}",
+                            orjson.dumps({"symbol": sym, "rsi": round(rsi, 2), "ts": now}),
+                        )
+                    if step % 50 == 0:
+                        side = random.choice(["BUY", "SELL"])
+                        signal_msg = orjson.dumps(
+                            {
+                                "symbol": sym,
+                                "side": side,
+                                "strength": round(random.random(), 2),
+                                "ts": now,
+                            }
+                        )
+                        pipe.publish(f"engine:signal:{sym}", signal_msg)
+                        pipe.publish("engine:signal", signal_msg)
+                    if step % 150 == 0:
+                        decision = orjson.dumps(
+                            {
+                                "symbol": sym,
+                                "action": random.choice(["ENTER", "EXIT", "HOLD"]),
+                                "ts": now,
+                            }
+                        )
+                        pipe.publish(f"engine:decision:{sym}", decision)
+                        pipe.publish("engine:decision", decision)
+                await pipe.execute()
+            step += 1
+            await asyncio.sleep(1.0 / rate)
+    finally:
+        await r.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed: run `make demo` (it installs it)")
+    port = _free_port()
+    data_dir = tempfile.mkdtemp(prefix="rwg-demo-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", data_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc, f"redis://127.0.0.1:{port}", data_dir
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def run_demo(port: int) -> int:
+    """Redis (private unless REDIS_URL is set) + gateway + publisher, until Ctrl-C."""
+    procs: list[subprocess.Popen[Any]] = []
+    redis_url = os.environ.get("REDIS_URL")
+    data_dir = None
+    if not redis_url:
+        redis_proc, redis_url, data_dir = _start_redis()
+        procs.append(redis_proc)
+        print(f"demo: started a private redis-server at {redis_url}", flush=True)
+    env = dict(os.environ, REDIS_URL=redis_url, REDIS_WS_GATEWAY_PORT=str(port))
+    env.setdefault("LOG_FORMAT", "console")
+    exe = [sys.executable, "-m", "redis_ws_gateway"]
+    procs.append(subprocess.Popen([*exe, "serve"], env=env))
+    procs.append(subprocess.Popen([*exe, "demo-publisher", "--redis-url", redis_url], env=env))
+    url = f"ws://localhost:{port}/ws"
+    print(
+        "\n"
+        f"demo: gateway on {url}, publishing ticks, signals, decisions, indicators\n"
+        f"demo: watch in a terminal:  .venv/bin/redis-ws-gateway tail {url} 'market:tick:*'\n"
+        f"demo: console in a browser: http://localhost:{port}/\n"
+        "demo: Ctrl-C stops everything this command started\n",
+        flush=True,
+    )
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    failed = [p.args for p in procs if p.returncode not in (0, -signal.SIGTERM, None)]
+    if failed and not stopping:
+        print(f"demo: a process exited unexpectedly: {failed}", file=sys.stderr)
+        return 1
+    return 0

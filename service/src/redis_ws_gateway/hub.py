@@ -1,0 +1,341 @@
+"""Who is subscribed to what, and the fan-out of each Redis message.
+
+A ``Topic`` is one upstream subscription (an exact channel or a pattern) with
+every session subscribed to it. Its ``seq`` counts messages per topic, so the
+frame of a message is the same bytes for every recipient and is built once.
+The first session makes the upstream (P)SUBSCRIBE; the last one leaving
+starts a linger timer, and only when it runs out is the upstream
+subscription released, so a UI flapping between screens does not churn Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+
+from . import protocol
+from .config import ChannelPolicy, Policy
+from .globmatch import glob_match, is_pattern
+from .session import Session
+from .upstream import Kind, Upstream
+
+log = structlog.get_logger("redis_ws_gateway.hub")
+
+_POLICY_CACHE_MAX = 10_000
+
+
+class Topic:
+    __slots__ = (
+        "epoch",
+        "kind",
+        "lingering",
+        "live",
+        "name",
+        "needs_notice",
+        "prefix",
+        "ready",
+        "seq",
+        "sessions",
+        "waiters",
+    )
+
+    def __init__(self, kind: Kind, name: str) -> None:
+        self.kind: Kind = kind
+        self.name = name
+        self.sessions: dict[Session, None] = {}
+        self.seq = 0
+        self.epoch = ""
+        self.live = False
+        self.needs_notice = False
+        self.waiters = 0
+        self.lingering: asyncio.TimerHandle | None = None
+        self.ready: asyncio.Future[bool] | None = None
+        # The data-frame prefix of an exact channel never changes: encode once.
+        self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
+
+    def describe(self, with_state: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {self.kind: self.name}
+        if with_state:
+            out["epoch"] = self.epoch
+            out["seq"] = self.seq
+            out["live"] = self.live
+        return out
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        linger_seconds: float,
+        policies: Iterable[ChannelPolicy],
+        default_policy: Policy,
+        slow_consumer_grace: float,
+    ) -> None:
+        self.upstream: Upstream | None = None
+        self.channels: dict[bytes, Topic] = {}
+        self.patterns: dict[bytes, Topic] = {}
+        self._linger = linger_seconds
+        self._policies = tuple(policies)
+        self._default_policy = default_policy
+        self._policy_cache: dict[bytes, Policy] = {}
+        self._grace = slow_consumer_grace
+        self._dirty: list[Session] = []
+        self._lagging: set[Session] = set()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._notices: dict[Session, list[dict[str, Any]]] = {}
+        self._boot = os.urandom(3).hex()
+        self._epochs = 0
+        self.messages_in = 0
+        self.last_message_at = time.monotonic()
+        self.on_deliver: Callable[[int], None] | None = None
+
+    # --- bookkeeping ----------------------------------------------------------
+
+    def _next_epoch(self) -> str:
+        self._epochs += 1
+        return f"{self._boot}-{self._epochs}"
+
+    def _table(self, kind: Kind) -> dict[bytes, Topic]:
+        return self.channels if kind == "channel" else self.patterns
+
+    def topic_key(self, name: str) -> tuple[Kind, str]:
+        return ("pattern" if is_pattern(name) else "channel"), name
+
+    def policy_for(self, channel: bytes) -> Policy:
+        cached = self._policy_cache.get(channel)
+        if cached is not None:
+            return cached
+        name = channel.decode("utf-8", "surrogateescape")
+        policy: Policy = next(
+            (p.policy for p in self._policies if glob_match(p.pattern, name)),
+            self._default_policy,
+        )
+        if len(self._policy_cache) >= _POLICY_CACHE_MAX:
+            self._policy_cache.clear()
+        self._policy_cache[channel] = policy
+        return policy
+
+    def upstream_counts(self) -> tuple[int, int]:
+        return len(self.channels), len(self.patterns)
+
+    # --- control path -----------------------------------------------------------
+
+    async def subscribe(
+        self, session: Session, names: Iterable[str], timeout: float
+    ) -> list[dict[str, Any]]:
+        """Subscribe ``session`` to every name; returns the subscription states.
+
+        Returns once each upstream subscription is confirmed by Redis (or the
+        timeout passes, or Redis is unreachable: then ``live`` is false and the
+        session gets a ``resubscribed`` notice once it is live).
+        """
+        keys = [self.topic_key(n) for n in names]
+        fresh: list[Topic] = []
+        for kind, name in keys:
+            if (kind, name) in session.subscriptions:
+                continue
+            topic = self._get_or_create(kind, name)
+            topic.waiters += 1
+            fresh.append(topic)
+        pending = [t.ready for t in fresh if not t.live and t.ready is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        out: list[dict[str, Any]] = []
+        for topic in fresh:
+            topic.waiters -= 1
+        if session.closing:
+            for topic in fresh:
+                self._maybe_linger(topic)
+            return out
+        for topic in fresh:
+            self._attach(session, topic)
+            if not topic.live:
+                topic.needs_notice = True
+        for kind, name in keys:
+            out.append(session.subscriptions[(kind, name)].describe())
+        return out
+
+    def _get_or_create(self, kind: Kind, name: str) -> Topic:
+        table = self._table(kind)
+        raw = name.encode()
+        topic = table.get(raw)
+        if topic is None:
+            topic = Topic(kind, name)
+            table[raw] = topic
+            self._request_upstream(topic)
+        elif topic.lingering is not None:
+            topic.lingering.cancel()
+            topic.lingering = None
+        return topic
+
+    def _request_upstream(self, topic: Topic) -> None:
+        topic.ready = asyncio.get_running_loop().create_future()
+        if self.upstream is None or not self.upstream.subscribe(topic.kind, topic.name.encode()):
+            topic.ready.set_result(False)
+
+    def _attach(self, session: Session, topic: Topic) -> None:
+        topic.sessions[session] = None
+        session.subscriptions[(topic.kind, topic.name)] = topic
+        if topic.kind == "pattern":
+            session.wildcards += 1
+
+    def unsubscribe(self, session: Session, names: Iterable[str] | None) -> list[str]:
+        keys = list(session.subscriptions) if names is None else [self.topic_key(n) for n in names]
+        removed: list[str] = []
+        for key in keys:
+            topic = session.subscriptions.pop(key, None)
+            if topic is None:
+                continue
+            if topic.kind == "pattern":
+                session.wildcards -= 1
+            topic.sessions.pop(session, None)
+            self._maybe_linger(topic)
+            removed.append(topic.name)
+        return removed
+
+    def remove_session(self, session: Session) -> None:
+        self.unsubscribe(session, None)
+        self._lagging.discard(session)
+        self._notices.pop(session, None)
+
+    def _maybe_linger(self, topic: Topic) -> None:
+        if topic.sessions or topic.waiters or topic.lingering is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._linger <= 0:
+            self._release(topic)
+        else:
+            topic.lingering = loop.call_later(self._linger, self._release, topic)
+
+    def _release(self, topic: Topic) -> None:
+        topic.lingering = None
+        if topic.sessions or topic.waiters:
+            return
+        table = self._table(topic.kind)
+        raw = topic.name.encode()
+        if table.get(raw) is topic:
+            del table[raw]
+            if self.upstream is not None:
+                self.upstream.unsubscribe(topic.kind, raw)
+            log.debug("upstream_released", **{topic.kind: topic.name})
+
+    # --- upstream events (called synchronously from the Redis protocol) -------
+
+    def on_confirmed(self, kind: Kind, name: bytes, error: str | None) -> None:
+        topic = self._table(kind).get(name)
+        if topic is None:
+            return
+        if error is not None:
+            log.error("upstream_subscribe_refused", **{kind: topic.name}, error=error)
+            if topic.ready is not None and not topic.ready.done():
+                topic.ready.set_result(False)
+            return
+        if topic.live:
+            return
+        topic.live = True
+        topic.epoch = self._next_epoch()
+        topic.seq = 0
+        if topic.ready is not None and not topic.ready.done():
+            topic.ready.set_result(True)
+        if topic.needs_notice:
+            topic.needs_notice = False
+            state = topic.describe()
+            for session in topic.sessions:
+                self._notices.setdefault(session, []).append(state)
+
+    def on_upstream_up(self) -> None:
+        assert self.upstream is not None
+        for table in (self.channels, self.patterns):
+            for topic in table.values():
+                if topic.ready is None or topic.ready.done():
+                    topic.ready = asyncio.get_running_loop().create_future()
+                self.upstream.subscribe(topic.kind, topic.name.encode())
+
+    def on_upstream_down(self) -> None:
+        lost: dict[Session, list[dict[str, Any]]] = {}
+        for table in (self.channels, self.patterns):
+            for topic in table.values():
+                topic.live = False
+                if topic.ready is not None and not topic.ready.done():
+                    topic.ready.set_result(False)
+                if topic.sessions:
+                    topic.needs_notice = True
+                    brief = topic.describe(with_state=False)
+                    for session in topic.sessions:
+                        lost.setdefault(session, []).append(brief)
+        for session, subs in lost.items():
+            session.send_control(protocol.upstream_lost_message(subs))
+        log.warning("clients_notified_upstream_lost", sessions=len(lost))
+
+    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
+        self.messages_in += 1
+        if pattern is None:
+            topic = self.channels.get(channel)
+            if topic is None or not topic.sessions:
+                return
+            prefix = topic.prefix
+        else:
+            topic = self.patterns.get(pattern)
+            if topic is None or not topic.sessions:
+                return
+            prefix = protocol.data_prefix(channel, pattern)
+        topic.seq += 1
+        body, is_b64 = protocol.payload_json(payload)
+        frame = protocol.text_frame(protocol.data_message(prefix, topic.seq, body, is_b64))
+        policy = self.policy_for(channel)
+        key = (topic, channel)
+        if pattern is None:
+            for session in topic.sessions:
+                session.deliver(frame, key, policy)
+        else:
+            name = channel.decode("utf-8", "surrogateescape")
+            for session in topic.sessions:
+                # Second wall: a pattern may match channels the role may not read.
+                if session.principal.may_read(name):
+                    session.deliver(frame, key, policy)
+
+    def on_batch_end(self) -> None:
+        self.last_message_at = time.monotonic()
+        if self._notices:
+            notices, self._notices = self._notices, {}
+            for session, subs in notices.items():
+                session.send_control(protocol.resubscribed_message(subs))
+        dirty = self._dirty
+        if dirty:
+            for session in dirty:
+                session.flush()
+            dirty.clear()
+
+    # --- session callbacks -------------------------------------------------------
+
+    def mark_dirty(self, session: Session) -> None:
+        self._dirty.append(session)
+
+    def mark_lagging(self, session: Session) -> None:
+        self._lagging.add(session)
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_loop())
+
+    async def _drain_loop(self) -> None:
+        # A timer rather than per-transport resume_writing callbacks: only
+        # lagging sessions pay, and aiohttp owns the protocol object.
+        while self._lagging:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            for session in list(self._lagging):
+                if session.drain(now, self._grace):
+                    self._lagging.discard(session)
+
+    def stats(self) -> dict[str, Any]:
+        channels, patterns = self.upstream_counts()
+        return {
+            "upstream_channels": channels,
+            "upstream_patterns": patterns,
+            "lagging_sessions": len(self._lagging),
+            "messages_in": self.messages_in,
+        }

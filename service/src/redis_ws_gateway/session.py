@@ -1,0 +1,212 @@
+"""One client connection: its subscriptions and its bounded outbound buffer.
+
+Writes go straight to the connection's transport. While the transport keeps
+up, frames routed in one upstream read are joined into one write. Once the
+kernel stops taking bytes and the transport's own buffer passes the high-water
+mark, the session is *lagging*: new frames go to a backlog bounded in bytes
+where each channel's policy applies (conflate, drop-oldest, disconnect), and
+the hub's drain loop writes the backlog out once the transport has room.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .config import Policy
+from .protocol import text_frame
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .auth import Principal
+    from .hub import Topic
+
+CLOSE_SLOW_CONSUMER = 4008
+
+_unique = itertools.count()
+
+
+class Session:
+    __slots__ = (
+        "_close_cb",
+        "_high_water",
+        "_limit",
+        "_on_dirty",
+        "_on_lagging",
+        "backlog",
+        "backlog_bytes",
+        "batch",
+        "closing",
+        "conflated",
+        "dropped",
+        "frames_sent",
+        "id",
+        "lag_since",
+        "lagging",
+        "principal",
+        "remote",
+        "subscriptions",
+        "transport",
+        "wildcards",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        transport: asyncio.Transport,
+        principal: Principal,
+        remote: str,
+        *,
+        buffer_limit: int,
+        high_water: int,
+        on_dirty: Callable[[Session], None],
+        on_lagging: Callable[[Session], None],
+        close: Callable[[Session, int, str], None],
+    ) -> None:
+        self.id = session_id
+        self.transport = transport
+        self.principal = principal
+        self.remote = remote
+        self.subscriptions: dict[tuple[str, str], Topic] = {}
+        self.wildcards = 0
+        self.batch: list[bytes] = []
+        self.backlog: OrderedDict[Any, tuple[bytes, bool]] = OrderedDict()
+        self.backlog_bytes = 0
+        self.lagging = False
+        self.lag_since = 0.0
+        self.closing = False
+        self.dropped = 0
+        self.conflated = 0
+        self.frames_sent = 0
+        self._limit = buffer_limit
+        self._high_water = high_water
+        self._on_dirty = on_dirty
+        self._on_lagging = on_lagging
+        self._close_cb = close
+
+    # --- hot path -----------------------------------------------------------
+
+    def deliver(self, frame: bytes, conflate_key: Any, policy: Policy) -> None:
+        """Queue one data frame. No await, no JSON: a check and an append."""
+        if self.lagging:
+            self._overflow(frame, conflate_key, policy)
+            return
+        if not self.batch:
+            self._on_dirty(self)
+        self.batch.append(frame)
+
+    def flush(self) -> None:
+        batch = self.batch
+        if not batch:
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        self.frames_sent += len(batch)
+        batch.clear()
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if self.closing or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._high_water and not self.lagging:
+            self.lagging = True
+            self.lag_since = time.monotonic()
+            self._on_lagging(self)
+
+    # --- control frames (replies, notices): never dropped, kept in order ------
+
+    def send_control(self, body: bytes) -> None:
+        frame = text_frame(body)
+        if self.lagging:
+            self._append(next(_unique), frame, droppable=False)
+            return
+        self.flush()
+        self._write(frame)
+
+    # --- slow consumer --------------------------------------------------------
+
+    def _append(self, key: Any, frame: bytes, droppable: bool) -> None:
+        self.backlog[key] = (frame, droppable)
+        self.backlog_bytes += len(frame)
+
+    def _overflow(self, frame: bytes, conflate_key: Any, policy: Policy) -> None:
+        if policy == "conflate":
+            old = self.backlog.pop(conflate_key, None)
+            if old is not None:
+                self.backlog_bytes -= len(old[0])
+                self.conflated += 1
+            self._append(conflate_key, frame, droppable=True)
+        else:
+            self._append(next(_unique), frame, droppable=policy != "disconnect")
+        if self.backlog_bytes <= self._limit:
+            return
+        if policy == "disconnect":
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound buffer full")
+            return
+        self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        excess = self.backlog_bytes - self._limit
+        victims = []
+        for key, (frame, droppable) in self.backlog.items():
+            if excess <= 0:
+                break
+            if droppable:
+                victims.append(key)
+                excess -= len(frame)
+        for key in victims:
+            frame, _ = self.backlog.pop(key)
+            self.backlog_bytes -= len(frame)
+            self.dropped += 1
+        if self.backlog_bytes > self._limit:
+            # Only undroppable frames are left and they still do not fit: the
+            # client cannot be served without losing something it must see.
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound buffer full")
+
+    def drain(self, now: float, grace: float) -> bool:
+        """Called by the hub's drain loop. Returns True once caught up."""
+        transport = self.transport
+        if self.closing or transport.is_closing():
+            return True
+        if transport.get_write_buffer_size() > self._high_water // 2:
+            if grace and now - self.lag_since > grace and self._holds_undroppable():
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer: lagging too long")
+                return True
+            return False
+        budget = self._high_water
+        chunk: list[bytes] = []
+        while self.backlog and budget > 0:
+            _, (frame, _) = self.backlog.popitem(last=False)
+            self.backlog_bytes -= len(frame)
+            budget -= len(frame)
+            chunk.append(frame)
+        if chunk:
+            self.frames_sent += len(chunk)
+            transport.write(b"".join(chunk))
+        if self.backlog or transport.get_write_buffer_size() > self._high_water:
+            return False
+        self.lagging = False
+        return True
+
+    def _holds_undroppable(self) -> bool:
+        return any(not droppable for _, droppable in self.backlog.values())
+
+    def buffered_bytes(self) -> int:
+        size = self.backlog_bytes
+        if not self.transport.is_closing():
+            size += self.transport.get_write_buffer_size()
+        return size
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.batch.clear()
+        self.backlog.clear()
+        self.backlog_bytes = 0
+        self._close_cb(self, code, reason)

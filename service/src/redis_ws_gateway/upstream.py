@@ -1,0 +1,356 @@
+"""The one Redis pub/sub connection of a pod: connect, handshake, subscribe,
+health-check, reconnect with capped exponential backoff and jitter.
+
+Why not redis-py's PubSub: its reader costs about 20 us per message here
+(measured in docs/BENCHMARKS.md), every message wakes a task, and its own
+reconnect re-subscribes silently, which would hide exactly the moment clients
+must be told that they may have missed messages. This module keeps the
+connection as an asyncio Protocol: hiredis parses the replies and packs the
+commands; messages are handed to the listener synchronously inside
+``data_received``, so every message read in one socket read is routed before
+the loop runs anything else, and the listener can coalesce writes per client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+from urllib.parse import unquote, urlparse
+
+import hiredis
+import structlog
+
+log = structlog.get_logger("redis_ws_gateway.upstream")
+
+Kind = Literal["channel", "pattern"]
+_SUB_CMD: dict[Kind, bytes] = {"channel": b"SUBSCRIBE", "pattern": b"PSUBSCRIBE"}
+_CONFIRMED_VERBS = frozenset(_SUB_CMD.values())
+_UNSUB_CMD: dict[Kind, bytes] = {"channel": b"UNSUBSCRIBE", "pattern": b"PUNSUBSCRIBE"}
+
+
+class UpstreamListener(Protocol):
+    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None: ...
+    def on_batch_end(self) -> None: ...
+    def on_upstream_up(self) -> None: ...
+    def on_upstream_down(self) -> None: ...
+    def on_confirmed(self, kind: Kind, name: bytes, error: str | None) -> None: ...
+
+
+class UpstreamError(Exception):
+    """Redis refused a command (its error text) or the connection is gone."""
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls: bool
+    unix_path: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisAddress:
+        u = urlparse(url)
+        username = unquote(u.username) if u.username else None
+        password = unquote(u.password) if u.password else None
+        if u.scheme == "unix":
+            return cls("", 0, username, password, False, unix_path=u.path)
+        return cls(
+            u.hostname or "127.0.0.1", u.port or 6379, username, password, u.scheme == "rediss"
+        )
+
+    def describe(self) -> str:
+        # Never the password: this string goes to logs.
+        return self.unix_path or f"{self.host}:{self.port}"
+
+
+class _Expect:
+    """One outstanding command, answered by exactly one reply."""
+
+    __slots__ = ("future", "kind", "name", "verb")
+
+    def __init__(
+        self, verb: bytes, kind: Kind | None, name: bytes | None, future: asyncio.Future[Any] | None
+    ) -> None:
+        self.verb = verb
+        self.kind = kind
+        self.name = name
+        self.future = future
+
+
+class PubSubProtocol(asyncio.Protocol):
+    """One TCP connection to Redis in RESP2 subscribe mode.
+
+    Every command sent here (AUTH, CLIENT SETNAME, one SUBSCRIBE per name,
+    PING) produces exactly one reply, so a FIFO of expectations maps each
+    reply, error replies included, to the command that caused it. Pushed
+    ``message``/``pmessage`` arrays are the only other traffic.
+    """
+
+    def __init__(self, listener: UpstreamListener) -> None:
+        self._listener = listener
+        self._reader = hiredis.Reader()
+        self._expect: deque[_Expect] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.last_pong = time.monotonic()
+        self.ping_sent_at: float | None = None
+        self.subscribed_mode = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        err = UpstreamError(f"connection lost: {exc or 'closed by server'}")
+        while self._expect:
+            fut = self._expect.popleft().future
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        listener = self._listener
+        try:
+            while (reply := reader.gets()) is not False:
+                if type(reply) is list and len(reply) >= 3:
+                    kind = reply[0]
+                    if kind == b"message":
+                        listener.on_message(reply[1], None, reply[2])
+                        continue
+                    if kind == b"pmessage":
+                        listener.on_message(reply[2], reply[1], reply[3])
+                        continue
+                self._on_reply(reply)
+        except hiredis.ProtocolError as exc:
+            log.error("upstream_protocol_error", error=str(exc))
+            if self.transport is not None:
+                self.transport.abort()
+        finally:
+            listener.on_batch_end()
+
+    def _on_reply(self, reply: Any) -> None:
+        if not self._expect:
+            log.warning("upstream_unexpected_reply", reply=repr(reply)[:200])
+            return
+        exp = self._expect.popleft()
+        if exp.verb == b"PING":
+            self.last_pong = time.monotonic()
+            self.ping_sent_at = None
+        if exp.kind is not None and exp.name is not None and exp.verb in _CONFIRMED_VERBS:
+            # Synchronously, so that messages that follow the confirmation in
+            # the same read are routed with the subscription's new state.
+            error = str(reply) if isinstance(reply, hiredis.ReplyError) else None
+            self._listener.on_confirmed(exp.kind, exp.name, error)
+        fut = exp.future
+        if fut is None or fut.done():
+            if isinstance(reply, hiredis.ReplyError):
+                log.warning(
+                    "upstream_command_refused",
+                    command=exp.verb.decode(),
+                    name=exp.name.decode("utf-8", "replace") if exp.name else None,
+                    error=str(reply),
+                )
+            return
+        if isinstance(reply, hiredis.ReplyError):
+            fut.set_exception(UpstreamError(str(reply)))
+        else:
+            fut.set_result(reply)
+
+    def send(
+        self,
+        verb: bytes,
+        *args: bytes,
+        kind: Kind | None = None,
+        name: bytes | None = None,
+        want_reply: bool = True,
+    ) -> asyncio.Future[Any] | None:
+        if self.transport is None or self.transport.is_closing():
+            raise UpstreamError("not connected")
+        fut = asyncio.get_running_loop().create_future() if want_reply else None
+        self._expect.append(_Expect(verb, kind, name, fut))
+        # hiredis's stub types the command as a 1-tuple; any length is accepted.
+        self.transport.write(hiredis.pack_command((verb, *args)))  # type: ignore[arg-type]
+        return fut
+
+    def ping(self) -> None:
+        self.ping_sent_at = time.monotonic()
+        self.send(b"PING", want_reply=False)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Upstream:
+    """Keeps one PubSubProtocol connected for as long as the gateway runs."""
+
+    def __init__(
+        self,
+        url: str,
+        listener: UpstreamListener,
+        *,
+        connect_timeout: float,
+        health_interval: float,
+        health_timeout: float,
+        backoff_min: float,
+        backoff_max: float,
+        client_name: str = "redis-ws-gateway",
+        ssl_context: ssl.SSLContext | None = None,
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        self.address = RedisAddress.from_url(url)
+        self._listener = listener
+        self._connect_timeout = connect_timeout
+        self._health_interval = health_interval
+        self._health_timeout = health_timeout
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._client_name = client_name
+        self._ssl = ssl_context
+        self._on_state = on_state
+        self._conn: PubSubProtocol | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self.last_message_at = time.monotonic()
+
+    @property
+    def is_up(self) -> bool:
+        return self._conn is not None and self.connected.is_set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="upstream")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._conn is not None:
+            self._conn.abort()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def subscribe(self, kind: Kind, name: bytes) -> bool:
+        """Send (P)SUBSCRIBE now if connected; the listener's on_confirmed
+        answers it. False: not connected, it is sent again on reconnect."""
+        if not self.is_up or self._conn is None:
+            return False
+        try:
+            self._conn.send(_SUB_CMD[kind], name, kind=kind, name=name, want_reply=False)
+        except UpstreamError:
+            return False
+        return True
+
+    def unsubscribe(self, kind: Kind, name: bytes) -> None:
+        if self.is_up and self._conn is not None:
+            try:
+                self._conn.send(_UNSUB_CMD[kind], name, kind=kind, name=name, want_reply=False)
+            except UpstreamError:
+                pass
+
+    async def _run(self) -> None:
+        delay = self._backoff_min
+        first = True
+        while not self._stopping:
+            try:
+                conn = await asyncio.wait_for(self._connect(), self._connect_timeout)
+            except (OSError, TimeoutError, UpstreamError, ssl.SSLError) as exc:
+                # Full jitter keeps a fleet of pods from reconnecting in step
+                # after a Redis restart.
+                sleep_for = random.uniform(delay / 2, delay)
+                log.warning(
+                    "upstream_connect_failed",
+                    redis=self.address.describe(),
+                    error=str(exc) or type(exc).__name__,
+                    retry_in=round(sleep_for, 3),
+                )
+                await asyncio.sleep(sleep_for)
+                delay = min(delay * 2, self._backoff_max)
+                continue
+            delay = self._backoff_min
+            if not first:
+                self.reconnects += 1
+            first = False
+            self._conn = conn
+            self.connected.set()
+            log.info("upstream_up", redis=self.address.describe(), reconnects=self.reconnects)
+            if self._on_state:
+                self._on_state("up")
+            self._listener.on_upstream_up()
+            reason = await self._watch(conn)
+            self.connected.clear()
+            self._conn = None
+            log.warning("upstream_down", redis=self.address.describe(), reason=reason)
+            if self._on_state:
+                self._on_state("down")
+            self._listener.on_upstream_down()
+
+    async def _connect(self) -> PubSubProtocol:
+        loop = asyncio.get_running_loop()
+        a = self.address
+        conn: PubSubProtocol
+        if a.unix_path:
+            _, conn = await loop.create_unix_connection(
+                lambda: PubSubProtocol(self._listener), a.unix_path
+            )
+        else:
+            ctx = self._ssl
+            if a.tls and ctx is None:
+                ctx = ssl.create_default_context()
+            _, conn = await loop.create_connection(
+                lambda: PubSubProtocol(self._listener),
+                a.host,
+                a.port,
+                ssl=ctx if a.tls else None,
+            )
+        try:
+            if a.password is not None:
+                creds = (
+                    (a.username.encode(), a.password.encode())
+                    if a.username
+                    else (a.password.encode(),)
+                )
+                await _reply(conn.send(b"AUTH", *creds))
+            await _reply(conn.send(b"CLIENT", b"SETNAME", self._client_name.encode()))
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _watch(self, conn: PubSubProtocol) -> str:
+        """Wait until the connection dies or stops answering PING."""
+        while True:
+            done, _ = await asyncio.wait({conn.closed}, timeout=self._health_interval)
+            if done:
+                exc = conn.closed.result()
+                return str(exc) if exc else "closed by server"
+            now = time.monotonic()
+            if conn.ping_sent_at is not None:
+                if now - conn.ping_sent_at > self._health_timeout:
+                    conn.abort()
+                    await conn.closed
+                    return f"no PONG within {self._health_timeout}s (Redis hung?)"
+                continue
+            try:
+                conn.ping()
+            except UpstreamError:
+                continue
+
+
+async def _reply(fut: asyncio.Future[Any] | None) -> Any:
+    assert fut is not None
+    return await fut

@@ -1,0 +1,168 @@
+"""One shared upstream subscription, linger, and self-healing when Redis fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from redis_ws_gateway.client import GatewayClient
+from tests.support.gateway import RunningGateway
+from tests.support.redis_server import RedisServer
+
+
+async def _numsub(r: aioredis.Redis, channel: str) -> int:
+    [(_, count)] = await r.pubsub_numsub(channel)
+    return int(count)
+
+
+async def _wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+async def test_hundred_clients_make_one_upstream_subscription(
+    gateway: RunningGateway, redis_client: aioredis.Redis
+) -> None:
+    clients = await asyncio.gather(*(GatewayClient(gateway.url).connect() for _ in range(100)))
+    try:
+        await asyncio.gather(*(c.subscribe("market:tick:BANKNIFTY", "engine:*") for c in clients))
+        assert await _numsub(redis_client, "market:tick:BANKNIFTY") == 1
+        assert await redis_client.pubsub_numpat() == 1
+        await redis_client.publish("market:tick:BANKNIFTY", b"1")
+        frames = await asyncio.gather(*(c.next_of_type("data") for c in clients))
+        assert {f["seq"] for f in frames} == {1}
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+    async def released() -> bool:
+        return (
+            await _numsub(redis_client, "market:tick:BANKNIFTY") == 0
+            and await redis_client.pubsub_numpat() == 0
+        )
+
+    await _wait_for(released)
+    assert not gateway.gateway.hub.channels and not gateway.gateway.hub.patterns
+
+
+async def test_resubscribe_within_linger_keeps_upstream_and_epoch(
+    make_gateway: object, redis_client: aioredis.Redis
+) -> None:
+    gw = await make_gateway(unsubscribe_linger_seconds=30)  # type: ignore[operator]
+    async with GatewayClient(gw.url) as c:
+        first = await c.subscribe("x")
+        await c.unsubscribe("x")
+        assert await _numsub(redis_client, "x") == 1, "released before the linger ran out"
+        again = await c.subscribe("x")
+    assert again["subscriptions"][0]["epoch"] == first["subscriptions"][0]["epoch"]
+
+
+async def test_redis_killed_and_restarted_mid_stream(
+    gateway: RunningGateway, redis_server: RedisServer
+) -> None:
+    async with GatewayClient(gateway.url) as c:
+        before = (await c.subscribe("market:tick:NIFTY", "engine:*"))["subscriptions"]
+        redis_server.kill()
+        lost = await c.next_of_type("upstream_lost")
+        assert {
+            ("channel" in s and s["channel"]) or s["pattern"] for s in lost["subscriptions"]
+        } == {
+            "market:tick:NIFTY",
+            "engine:*",
+        }
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gateway.http + "/readyz") as resp:
+                assert resp.status == 503
+        redis_server.start()
+        notice = await c.next_of_type("resubscribed", timeout=10)
+        subs = {s.get("channel") or s.get("pattern"): s for s in notice["subscriptions"]}
+        assert set(subs) == {"market:tick:NIFTY", "engine:*"}
+        assert all(s["live"] and s["seq"] == 0 for s in subs.values())
+        assert subs["market:tick:NIFTY"]["epoch"] != before[0]["epoch"]
+        r = aioredis.from_url(redis_server.url)
+        try:
+            await r.publish("market:tick:NIFTY", b'{"after":"restart"}')
+            frame = await c.next_of_type("data")
+        finally:
+            await r.aclose()
+        assert frame["data"] == {"after": "restart"} and frame["seq"] == 1
+        assert not c.closed.is_set()
+
+
+async def test_client_kill_pubsub_is_healed(
+    gateway: RunningGateway, redis_client: aioredis.Redis
+) -> None:
+    async with GatewayClient(gateway.url) as c:
+        await c.subscribe("s1")
+        killed = await redis_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert int(killed) >= 1
+        await c.next_of_type("upstream_lost")
+        await c.next_of_type("resubscribed", timeout=10)
+        await redis_client.publish("s1", b"back")
+        assert (await c.next_of_type("data"))["data"] == "back"
+    assert gateway.gateway.upstream.reconnects >= 1
+
+
+async def test_hung_redis_is_detected_by_health_check(
+    gateway: RunningGateway, redis_server: RedisServer
+) -> None:
+    async with GatewayClient(gateway.url) as c:
+        await c.subscribe("h")
+        redis_server.pause()
+        try:
+            # health timeout in tests is 0.6 s: detection well inside 5 s.
+            await c.next_of_type("upstream_lost", timeout=5)
+            assert not gateway.gateway.upstream.is_up
+        finally:
+            redis_server.resume()
+        await c.next_of_type("resubscribed", timeout=10)
+        r = aioredis.from_url(redis_server.url)
+        try:
+            await r.publish("h", b"1")
+        finally:
+            await r.aclose()
+        assert (await c.next_of_type("data"))["data"] == 1
+
+
+async def test_subscribe_while_redis_down_goes_live_later(
+    gateway: RunningGateway, redis_server: RedisServer
+) -> None:
+    redis_server.kill()
+    await _wait_for(lambda: _not(gateway.gateway.upstream.connected.is_set()))
+    async with GatewayClient(gateway.url) as c:
+        reply = await c.subscribe("later")
+        assert reply["subscriptions"][0]["live"] is False
+        redis_server.start()
+        notice = await c.next_of_type("resubscribed", timeout=10)
+        assert notice["subscriptions"][0]["channel"] == "later"
+        r = aioredis.from_url(redis_server.url)
+        try:
+            await r.publish("later", b"1")
+        finally:
+            await r.aclose()
+        assert (await c.next_of_type("data"))["seq"] == 1
+
+
+async def _not(value: bool) -> bool:
+    return not value
+
+
+async def test_health_endpoints(gateway: RunningGateway, redis_server: RedisServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.http + "/healthz") as resp:
+            assert resp.status == 200
+        async with http.get(gateway.http + "/readyz") as resp:
+            assert resp.status == 200 and (await resp.json())["ready"] is True
+        redis_server.kill()
+
+        async def not_ready() -> bool:
+            async with http.get(gateway.http + "/readyz") as resp:
+                return resp.status == 503
+
+        await _wait_for(not_ready)
+        async with http.get(gateway.http + "/healthz") as resp:
+            assert resp.status == 200
