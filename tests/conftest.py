@@ -5,9 +5,16 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 
 from tests.support.gateway import RunningGateway, gateway_settings
 from tests.support.redis_server import RedisServer
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    # The gateway runs on uvloop in production; its transports differ from
+    # asyncio's in small ways, so the tests run on it too.
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

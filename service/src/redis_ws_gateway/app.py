@@ -184,7 +184,9 @@ class Gateway:
                 exc.request_id = req.request_id
             session.send_control(protocol.error_message(exc))
 
-    async def _dispatch(self, session: Session, principal: Principal, req: protocol.Request) -> None:
+    async def _dispatch(
+        self, session: Session, principal: Principal, req: protocol.Request
+    ) -> None:
         if req.action == "ping":
             session.send_control(protocol.pong_message(req.request_id, int(time.time() * 1000)))
         elif req.action == "subscribe":
@@ -193,16 +195,12 @@ class Gateway:
             subs = await self.hub.subscribe(
                 session, req.channels, self.settings.subscribe_timeout_seconds
             )
-            session.send_control(
-                protocol.subscribed_message(req.request_id, req.channels, subs)
-            )
+            session.send_control(protocol.subscribed_message(req.request_id, req.channels, subs))
             log.info("subscribed", conn=session.id, channels=list(req.channels))
         elif req.action == "unsubscribe":
             if req.channels is not None:
                 missing = [
-                    c
-                    for c in req.channels
-                    if self.hub.topic_key(c) not in session.subscriptions
+                    c for c in req.channels if self.hub.topic_key(c) not in session.subscriptions
                 ]
                 if missing:
                     raise NotSubscribed(

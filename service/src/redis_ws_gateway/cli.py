@@ -96,7 +96,12 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.port)
+    try:
+        port = args.port or load_settings().port
+    except ConfigError as exc:
+        print(f"redis-ws-gateway: {exc}", file=sys.stderr)
+        return 2
+    return run_demo(port)
 
 
 def _cmd_demo_publisher(args: argparse.Namespace) -> int:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("demo", help="run Redis, the gateway and a demo publisher")
-    p.add_argument("--port", type=int, default=int(os.environ.get("REDIS_WS_GATEWAY_PORT", 8889)))
+    p.add_argument("--port", type=int, default=None, help="default: REDIS_WS_GATEWAY_PORT or 8889")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("demo-publisher", help="publish realistic ticks, signals, decisions")

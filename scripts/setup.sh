@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian machine, and nothing
+# twice: redis-server (Debian's package), the Python venv in .venv with the
+# package and its dev tools, and helm (built from the Go module proxy into
+# .tools/bin). Safe to run again; each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+if [ "${SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  need_apt+=(chromium)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing Debian packages: ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# Debian starts a system redis-server on 6379 when it installs the package; the
+# tests start their own on free ports, so that one is harmless but unneeded.
+
+PY=${PYTHON:-python3}
+stamp=.venv/.installed-$(sha256sum service/pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  log "creating .venv and installing the package with its dev tools"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e "service[dev]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+HELM_VERSION=v3.22.0
+# `go install` builds carry no version string, so a stamp records which one.
+if [ "${SETUP_HELM:-1}" = 1 ] && { [ ! -x .tools/bin/helm ] || [ "$(cat .tools/helm-version 2>/dev/null)" != "$HELM_VERSION" ]; }; then
+  command -v go >/dev/null 2>&1 || { log "go is required to build helm"; exit 1; }
+  log "building helm $HELM_VERSION from the Go module proxy (first time only, a few minutes)"
+  mkdir -p .tools/bin
+  GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  echo "$HELM_VERSION" > .tools/helm-version
+fi
+log "ready"

@@ -1,0 +1,130 @@
+"""Process-level behaviour: SIGTERM drain as Kubernetes does it, the tail tool,
+frame sizes on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from redis_ws_gateway.client import GatewayClient
+from tests.support.gateway import RunningGateway
+from tests.support.redis_server import RedisServer, free_port
+
+
+async def _wait_ready(http_base: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(http_base + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError("gateway not ready")
+
+
+async def test_sigterm_drains_clients_with_1012_spread_over_window(
+    redis_server: RedisServer,
+) -> None:
+    port = free_port()
+    window = 1.5
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_server.url,
+        REDIS_WS_GATEWAY_HOST="127.0.0.1",
+        REDIS_WS_GATEWAY_PORT=str(port),
+        DRAIN_WINDOW_SECONDS=str(window),
+        SHUTDOWN_TIMEOUT_SECONDS="6",
+        LOG_FORMAT="json",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "redis_ws_gateway",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    clients: list[GatewayClient] = []
+    try:
+        await _wait_ready(f"http://127.0.0.1:{port}")
+        url = f"ws://127.0.0.1:{port}/ws"
+        clients = list(await asyncio.gather(*(GatewayClient(url).connect() for _ in range(20))))
+        await asyncio.gather(*(c.subscribe("market:tick:NIFTY") for c in clients))
+        closed_at: list[float] = []
+
+        async def watch(c: GatewayClient) -> None:
+            await c.closed.wait()
+            closed_at.append(time.monotonic())
+
+        watchers = [asyncio.create_task(watch(c)) for c in clients]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        # New connections are refused at once: the listener is closed first.
+        await asyncio.sleep(0)
+        with pytest.raises(aiohttp.ClientError):
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        assert resp.status == 503
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(asyncio.gather(*watchers), 10)
+        rc = await asyncio.wait_for(proc.wait(), 10)
+        exited = time.monotonic() - sent
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for c in clients:
+            await c.close()
+    assert rc == 0
+    assert {c.close_code for c in clients} == {1012}
+    spread = max(closed_at) - min(closed_at)
+    assert spread >= window * 0.5, f"closes not spread over the window: {spread:.2f}s"
+    assert exited < 6 + 1
+
+
+async def test_tail_prints_frames(gateway: RunningGateway, redis_client: aioredis.Redis) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "redis_ws_gateway",
+        "tail",
+        gateway.url,
+        "market:tick:*",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 15)
+        assert b"tail: subscribed" in line
+        await redis_client.publish("market:tick:BANKNIFTY", b'{"ltp":51200.5}')
+        out = await asyncio.wait_for(proc.stdout.readline(), 10)
+        assert out.decode().strip() == 'market:tick:BANKNIFTY #1 {"ltp":51200.5}'
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 300_000])
+async def test_frames_of_every_header_size_reach_the_client(
+    gateway: RunningGateway, redis_client: aioredis.Redis, size: int
+) -> None:
+    payload = ("x" * size).encode()
+    async with GatewayClient(gateway.url) as c:
+        await c.subscribe("big")
+        await redis_client.publish("big", payload)
+        frame = await c.next_of_type("data")
+    assert frame["data"] == "x" * size

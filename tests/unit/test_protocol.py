@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from redis_ws_gateway import protocol
+from redis_ws_gateway.errors import BadChannel, BadField, BadJson, GatewayError, UnknownAction
+
+
+def test_subscribe_request_is_decoded_with_duplicates_folded() -> None:
+    req = protocol.decode_request(
+        '{"action":"subscribe","channels":["a","b*","a"],"requestId":"req-1"}'
+    )
+    assert req == protocol.Request("subscribe", "req-1", channels=("a", "b*"))
+
+
+@pytest.mark.parametrize(
+    ("text", "exc"),
+    [
+        ("nope", BadJson),
+        ('"str"', BadJson),
+        ('{"action":"x"}', UnknownAction),
+        ('{"channels":["a"]}', BadField),
+        ('{"action":"subscribe","channels":[' + '"' + "a" * 300 + '"]}', BadChannel),
+        ('{"action":"ping","requestId":"' + "r" * 200 + '"}', BadField),
+    ],
+)
+def test_bad_requests_raise_typed_errors(text: str, exc: type[GatewayError]) -> None:
+    with pytest.raises(exc):
+        protocol.decode_request(text)
+
+
+def test_request_id_is_kept_on_errors_after_it_was_read() -> None:
+    with pytest.raises(UnknownAction) as err:
+        protocol.decode_request('{"action":"x","requestId":"r9"}')
+    assert err.value.request_id == "r9"
+    body = orjson.loads(protocol.error_message(err.value))
+    assert body == {
+        "type": "error",
+        "code": "unknown_action",
+        "message": str(err.value),
+        "requestId": "r9",
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_payload_json_always_yields_json_that_round_trips(raw: bytes) -> None:
+    body, is_b64 = protocol.payload_json(raw)
+    value = orjson.loads(b'{"d":' + body + b"}")["d"] if not is_b64 else None
+    if is_b64:
+        assert base64.b64decode(orjson.loads(body)) == raw
+    elif body == raw:
+        assert raw.strip()  # embedded untouched only when it is real JSON
+    else:
+        assert value == raw.decode("utf-8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80), st.one_of(st.none(), st.text(max_size=20)), st.integers(0, 2**40))
+def test_data_message_is_valid_json_with_fields(
+    channel: str, pattern: str | None, seq: int
+) -> None:
+    prefix = protocol.data_prefix(
+        channel.encode("utf-8", "replace"),
+        pattern.encode("utf-8", "replace") if pattern is not None else None,
+    )
+    msg = orjson.loads(protocol.data_message(prefix, seq, b'{"x":1}', False))
+    assert msg["type"] == "data" and msg["seq"] == seq and msg["data"] == {"x": 1}
+    assert ("pattern" in msg) == (pattern is not None)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_header_lengths(size: int) -> None:
+    frame = protocol.text_frame(b"x" * size)
+    assert frame[0] == 0x81
+    if size < 126:
+        assert frame[1] == size and len(frame) == size + 2
+    elif size < 65536:
+        assert frame[1] == 126 and int.from_bytes(frame[2:4], "big") == size
+    else:
+        assert frame[1] == 127 and int.from_bytes(frame[2:10], "big") == size
