@@ -4,6 +4,7 @@ frame sizes on the wire."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -128,3 +129,53 @@ async def test_frames_of_every_header_size_reach_the_client(
         await redis_client.publish("big", payload)
         frame = await c.next_of_type("data")
     assert frame["data"] == "x" * size
+
+
+async def test_json_logs_carry_connection_ids_and_never_the_token(
+    redis_server: RedisServer,
+) -> None:
+    port = free_port()
+    secret = "sk-test-3f9a1c0d"
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_server.url,
+        REDIS_WS_GATEWAY_HOST="127.0.0.1",
+        REDIS_WS_GATEWAY_PORT=str(port),
+        GATEWAY_API_KEY=secret,
+        LOG_FORMAT="json",
+        DRAIN_WINDOW_SECONDS="0",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "redis_ws_gateway",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await _wait_ready(f"http://127.0.0.1:{port}")
+        async with GatewayClient(f"ws://127.0.0.1:{port}/ws?token={secret}") as c:
+            await c.subscribe("market:tick:NIFTY")
+            await c.unsubscribe("market:tick:NIFTY")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        raw = await asyncio.wait_for(proc.stderr.read(), 15)
+        await proc.wait()
+    text = raw.decode()
+    assert secret not in text
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    by_name = {e["event"]: e for e in events}
+    for name in (
+        "upstream_up",
+        "connection_open",
+        "subscribed",
+        "unsubscribed",
+        "connection_closed",
+    ):
+        assert name in by_name, f"missing log event {name}"
+    conn = by_name["connection_open"]["conn"]
+    assert by_name["subscribed"]["conn"] == conn == by_name["connection_closed"]["conn"]
+    assert by_name["connection_open"]["via"] == "api_key"

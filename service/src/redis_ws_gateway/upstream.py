@@ -1,8 +1,8 @@
 """The one Redis pub/sub connection of a pod: connect, handshake, subscribe,
 health-check, reconnect with capped exponential backoff and jitter.
 
-Why not redis-py's PubSub: its reader costs about 20 us per message here
-(measured in docs/BENCHMARKS.md), every message wakes a task, and its own
+Why not redis-py's PubSub: its reader costs about 20 us per message on this
+machine class, every message wakes a task, and its own
 reconnect re-subscribes silently, which would hide exactly the moment clients
 must be told that they may have missed messages. This module keeps the
 connection as an asyncio Protocol: hiredis parses the replies and packs the
