@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import structlog
 from aiohttp import WSMsgType, web
@@ -250,12 +251,28 @@ class Gateway:
             return web.json_response({"ready": False, "reason": "redis unreachable"}, status=503)
         return web.json_response({"ready": True})
 
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        name = _STATIC_ROUTES[request.path]
+        return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})
+
     def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/ws", self.handle_ws)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        for route in _STATIC_ROUTES:
+            app.router.add_get(route, self.static_file)
         return app
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Only these files are served: no directory listing, no path from the request.
+_STATIC_ROUTES = {
+    "/": "console.html",
+    "/client.js": "client.js",
+    "/console.js": "console.js",
+    "/console.css": "console.css",
+}
 
 
 def _credential(request: web.Request) -> str | None:
