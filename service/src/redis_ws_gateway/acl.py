@@ -20,7 +20,9 @@ Subscribing to a wildcard pattern P (:meth:`Acl.may_subscribe_pattern`)
        contained in A" means either
 
        a. ``P == A`` verbatim (the rule Redis's own ACLs use for PSUBSCRIBE), or
-       b. ``P = L + "*"`` and ``A = L' + "*"``, where neither ``L`` nor ``L'``
+       b. ``A`` is the bare ``*`` (it matches every non-empty channel, and
+          no pattern but the empty one delivers the empty channel), or
+       c. ``P = L + "*"`` and ``A = L' + "*"``, where neither ``L`` nor ``L'``
           contains ``*``, ``?``, ``[`` or ``\\``, and ``L'`` is a prefix of
           ``L``. Spelled as a grammar::
 
@@ -29,7 +31,10 @@ Subscribing to a wildcard pattern P (:meth:`Acl.may_subscribe_pattern`)
 
           So ``market:tick:*`` is contained in ``market:*`` and ``*``, while
           ``market*``, ``market:**``, ``market:[*]``, ``md?x`` and ``md\\:*``
-          are contained only in a verbatim-equal pattern.
+          are contained only in a verbatim-equal pattern. Excluding ``\\``
+          and ``[`` is what makes the textual test meaningful: in ``md:\\*``
+          the star is escaped and in ``md:[a*`` an unterminated bracket
+          swallows it, so neither is a prefix pattern at all.
 
     2. If a narrow list is present, contained in one of its patterns by the
        same rule.
@@ -40,12 +45,13 @@ Subscribing to a wildcard pattern P (:meth:`Acl.may_subscribe_pattern`)
        and P would make the two prefixes compatible; refusing on compatibility
        is therefore conservative. For a deny of the form ``literal`` or
        ``literal*`` the literal prefix is that literal; for any other deny it is
-       the text before its first metacharacter (``*`` denies everything).
+       the text, escapes resolved, before its first unescaped metacharacter
+       (so a deny of ``*`` or ``?x`` refuses every pattern subscription).
 
-Why this is sound: under (a) P matches exactly the channels A matches; under
-(b) every channel P matches starts with ``L``, hence with ``L'``, and is not
-empty, which is all ``L' + "*"`` asks. Together with 3, every channel P can
-deliver passes :meth:`Acl.may_read_channel`. The router still checks each
+Why this is sound: under (a) P matches exactly the channels A matches; (b)
+is the definition of ``*``; under (c) every channel P matches starts with
+``L``, hence with ``L'``, and is not empty, which is all ``L' + "*"`` asks.
+Together with 3, every channel P can deliver passes :meth:`Acl.may_read_channel`. The router still checks each
 message with :meth:`Acl.may_read_channel` as a second wall.
 """
 
@@ -123,6 +129,10 @@ class _Containers:
 
     def contain(self, pattern: str, prefix_literal: bytes | None) -> bool:
         if pattern in self.verbatim:
+            return True
+        # A bare "*" matches every non-empty channel, and no pattern other than
+        # the empty one (never accepted as a name) delivers the empty channel.
+        if "*" in self.verbatim and pattern:
             return True
         if prefix_literal is None:
             return False

@@ -24,21 +24,29 @@ from . import protocol
 from .auth import Authenticator, Principal, build_acl
 from .config import Settings
 from .errors import (
+    BadChannel,
     BadField,
     Forbidden,
     GatewayError,
     NotSubscribed,
+    RateLimited,
     TooManyChannels,
     TooManyWildcards,
     Unauthorized,
 )
 from .hub import Hub
+from .limits import ConnectionCounter, TokenBucket, pattern_metachars
 from .session import Session
 from .upstream import Upstream
 
 log = structlog.get_logger("redis_ws_gateway.app")
 
+CLOSE_POLICY = 1008
 CLOSE_SERVICE_RESTART = 1012
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_RATE_LIMITED = 4029
+SUBPROTOCOL = "rwg.v1"
+TOKEN_PROTOCOL_PREFIX = "bearer."
 
 
 class Gateway:
@@ -60,6 +68,8 @@ class Gateway:
             health_timeout=settings.redis_health_check_timeout_seconds,
             backoff_min=settings.redis_reconnect_min_seconds,
             backoff_max=settings.redis_reconnect_max_seconds,
+            username=settings.redis_username,
+            password=settings.redis_password,
         )
         self.hub.upstream = self.upstream
         self.sessions: dict[Session, web.WebSocketResponse] = {}
@@ -68,10 +78,16 @@ class Gateway:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(2).hex()
         self._close_tasks: set[asyncio.Task[None]] = set()
+        self.connections = ConnectionCounter(
+            settings.max_connections,
+            settings.max_connections_per_ip,
+            settings.max_connections_per_user,
+        )
 
     # --- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
+        await self.auth.start()
         self.upstream.start()
 
     async def drain(self) -> None:
@@ -120,16 +136,42 @@ class Gateway:
     async def handle_ws(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
             return web.Response(status=503, text="draining\n")
+        s = self.settings
+        origin = request.headers.get("Origin")
+        if (
+            origin is not None
+            and s.allowed_origins
+            and not _origin_allowed(origin, s.allowed_origins)
+        ):
+            # Cross-site WebSocket hijacking: a page elsewhere must not ride on
+            # the user's cookies or network position.
+            return web.Response(status=403, text="origin not allowed\n")
+        ip = _client_ip(request, s.trusted_proxy_hops)
+        credential, via_protocol = _credential(request)
         try:
-            principal = self.auth.authenticate(_credential(request))
+            if credential is not None:
+                principal = await self.auth.authenticate(credential)
+            elif s.require_auth:
+                principal = self.auth.unauthenticated()
+            else:
+                principal = self.auth.anonymous()
         except Unauthorized as exc:
             return web.Response(status=401, text=f"{exc}\n")
-        s = self.settings
+        except Forbidden as exc:
+            return web.Response(status=403, text=f"{exc}\n")
+        user = _counted_user(principal)
+        refusal = self.connections.refusal(ip, user)
+        if refusal is not None:
+            status = 503 if "gateway" in refusal else 429
+            return web.Response(status=status, text=f"{refusal}\n")
         ws = web.WebSocketResponse(
             heartbeat=s.ws_ping_interval_seconds,
             max_msg_size=s.ws_max_message_bytes,
             compress=False,
             autoping=True,
+            # Only our protocol name is ever echoed, never the token a browser
+            # put in Sec-WebSocket-Protocol.
+            protocols=(SUBPROTOCOL,) if via_protocol else (),
             # How long close() waits for the client's close reply: bounded so
             # that a dead peer cannot stretch the drain past the grace period.
             timeout=3.0,
@@ -142,7 +184,7 @@ class Gateway:
             f"{self._prefix}-{next(self._ids)}",
             transport,
             principal,
-            request.remote or "?",
+            ip,
             buffer_limit=s.outbound_buffer_bytes,
             high_water=s.outbound_high_water_bytes,
             on_dirty=self.hub.mark_dirty,
@@ -150,19 +192,46 @@ class Gateway:
             close=self._schedule_close,
         )
         self.sessions[session] = ws
+        self.connections.add(ip, user)
+        counted: list[str | None] = [user]
+        bucket = TokenBucket(s.rate_limit_per_second, s.rate_limit_burst)
+        timers: dict[str, asyncio.TimerHandle] = {}
+        loop = asyncio.get_running_loop()
+        if principal.via == "pending":
+            timers["auth"] = loop.call_later(
+                s.auth_timeout_seconds, session.close, CLOSE_UNAUTHORIZED, "authentication timeout"
+            )
+        self._arm_expiry(session, timers)
+        if s.max_connection_age_seconds:
+            # Jitter spreads reconnects so a scale-out rebalances gradually.
+            age = s.max_connection_age_seconds * random.uniform(0.85, 1.15)
+            timers["age"] = loop.call_later(
+                age, session.close, CLOSE_SERVICE_RESTART, "max connection age"
+            )
         clog = log.bind(conn=session.id)
-        clog.info("connection_open", remote=session.remote, user=principal.user, via=principal.via)
+        clog.info("connection_open", remote=ip, user=principal.user, via=principal.via)
         try:
             async for msg in ws:
+                if not bucket.take():
+                    if bucket.rejected >= s.rate_limit_close_after:
+                        session.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+                        break
+                    session.send_control(
+                        protocol.error_message(RateLimited("too many messages, slow down"))
+                    )
+                    continue
                 if msg.type == WSMsgType.TEXT:
-                    await self._handle_frame(session, principal, msg.data)
+                    await self._handle_frame(session, msg.data, timers, counted)
                 elif msg.type == WSMsgType.BINARY:
                     session.send_control(
                         protocol.error_message(BadField("binary frames are not supported"))
                     )
         finally:
+            for timer in timers.values():
+                timer.cancel()
             self.hub.remove_session(session)
             del self.sessions[session]
+            self.connections.remove(ip, counted[0])
             clog.info(
                 "connection_closed",
                 code=ws.close_code,
@@ -172,22 +241,88 @@ class Gateway:
             )
         return ws
 
-    async def _handle_frame(self, session: Session, principal: Principal, text: str) -> None:
+    def _arm_expiry(self, session: Session, timers: dict[str, asyncio.TimerHandle]) -> None:
+        old = timers.pop("expiry", None)
+        if old is not None:
+            old.cancel()
+        exp = session.principal.expires_at
+        if exp is not None:
+            delay = max(0.0, exp - time.time())
+            timers["expiry"] = asyncio.get_running_loop().call_later(
+                delay, session.close, CLOSE_UNAUTHORIZED, "token expired"
+            )
+
+    async def _handle_frame(
+        self,
+        session: Session,
+        text: str,
+        timers: dict[str, asyncio.TimerHandle],
+        counted: list[str | None],
+    ) -> None:
         try:
-            req = protocol.decode_request(text)
+            req = protocol.decode_request(text, self.settings.max_channel_name_length)
         except GatewayError as exc:
             session.send_control(protocol.error_message(exc))
             return
         try:
-            await self._dispatch(session, principal, req)
+            if req.action == "auth":
+                await self._authenticate(session, req, timers, counted)
+            elif session.principal.via == "pending" and req.action != "ping":
+                raise Unauthorized("authenticate first: send an auth action with a token")
+            else:
+                await self._dispatch(session, req)
         except GatewayError as exc:
             if exc.request_id is None:
                 exc.request_id = req.request_id
             session.send_control(protocol.error_message(exc))
 
-    async def _dispatch(
-        self, session: Session, principal: Principal, req: protocol.Request
+    async def _authenticate(
+        self,
+        session: Session,
+        req: protocol.Request,
+        timers: dict[str, asyncio.TimerHandle],
+        counted: list[str | None],
     ) -> None:
+        assert req.token is not None
+        old = session.principal
+        new = await self.auth.authenticate(req.token)
+        if old.via != "pending" and old.user != new.user:
+            raise Unauthorized("a refreshed token must be for the same subject")
+        user = _counted_user(new)
+        if old.via == "pending":
+            refusal = self.connections.refusal(None, user)
+            if refusal is not None:
+                session.close(CLOSE_POLICY, refusal)
+                return
+            self.connections.move_user(counted[0], user)
+            counted[0] = user
+            timer = timers.pop("auth", None)
+            if timer is not None:
+                timer.cancel()
+        session.principal = new
+        self._arm_expiry(session, timers)
+        session.send_control(
+            protocol.authenticated_message(req.request_id, new.user, new.roles, new.expires_at)
+        )
+        # Rights may have narrowed: drop what the new token may not read.
+        lost = [
+            name
+            for (kind, name) in list(session.subscriptions)
+            if not (new.may_subscribe_pattern(name) if kind == "pattern" else new.may_read(name))
+        ]
+        if lost:
+            self.hub.unsubscribe(session, lost)
+            session.send_control(protocol.unsubscribed_message(None, lost, reason="forbidden"))
+        log.info(
+            "authenticated",
+            conn=session.id,
+            user=new.user,
+            via=new.via,
+            refreshed=old.via != "pending",
+        )
+
+    async def _dispatch(self, session: Session, req: protocol.Request) -> None:
+        principal = session.principal
         if req.action == "ping":
             session.send_control(protocol.pong_message(req.request_id, int(time.time() * 1000)))
         elif req.action == "subscribe":
@@ -211,8 +346,6 @@ class Gateway:
             removed = self.hub.unsubscribe(session, req.channels)
             session.send_control(protocol.unsubscribed_message(req.request_id, removed))
             log.info("unsubscribed", conn=session.id, channels=removed)
-        else:
-            raise BadField("auth action is not enabled")
 
     def _check_subscribe(
         self, session: Session, principal: Principal, channels: tuple[str, ...]
@@ -223,6 +356,10 @@ class Gateway:
         new_wild = sum(1 for c in new if self.hub.topic_key(c)[0] == "pattern")
         for name in new:
             kind, _ = self.hub.topic_key(name)
+            if kind == "pattern" and pattern_metachars(name) > s.max_pattern_metachars:
+                raise BadChannel(
+                    f"pattern has more than {s.max_pattern_metachars} wildcards", channel=name
+                )
             allowed = (
                 principal.may_subscribe_pattern(name)
                 if kind == "pattern"
@@ -275,14 +412,47 @@ _STATIC_ROUTES = {
 }
 
 
-def _credential(request: web.Request) -> str | None:
-    token = request.query.get("token")
-    if token:
-        return token
+def _credential(request: web.Request) -> tuple[str | None, bool]:
+    """The credential a client presented, and whether it offered our subprotocol.
+
+    Browsers cannot set headers on a WebSocket, so besides ``?token=`` they
+    may offer ``["rwg.v1", "bearer.<token>"]`` as subprotocols.
+    """
+    offered = [
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    ]
+    token: str | None = None
+    for p in offered:
+        if p.startswith(TOKEN_PROTOCOL_PREFIX) and len(p) > len(TOKEN_PROTOCOL_PREFIX):
+            token = p[len(TOKEN_PROTOCOL_PREFIX) :]
+    query = request.query.get("token")
+    if query:
+        token = query
     header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
-    return None
+    if header.lower().startswith("bearer ") and header[7:].strip():
+        token = header[7:].strip()
+    return token, SUBPROTOCOL in offered
+
+
+def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    # Exact scheme, host and port: no suffix or substring matching.
+    return "*" in allowed or origin.rstrip("/").lower() in {a.lower() for a in allowed}
+
+
+def _client_ip(request: web.Request, trusted_hops: int) -> str:
+    """The client's address; behind N trusted proxies, the Nth from the right
+    of X-Forwarded-For (entries further left are whatever the client sent)."""
+    if trusted_hops:
+        hops = [
+            h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()
+        ]
+        if len(hops) >= trusted_hops:
+            return hops[-trusted_hops]
+    return request.remote or "?"
+
+
+def _counted_user(principal: Principal) -> str | None:
+    return principal.user if principal.via in ("jwt", "api_key") else None
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:

@@ -92,6 +92,29 @@ class Settings:
     outbound_high_water_bytes: int = 65_536
     slow_consumer_grace_seconds: float = 10.0
     default_policy: Policy = "drop-oldest"
+    redis_username: str | None = None
+    redis_password: str | None = None
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = 10.0
+    jwks_refetch_cooldown_seconds: float = 30.0
+    allowed_origins: tuple[str, ...] = ()
+    auth_timeout_seconds: float = 10.0
+    rate_limit_per_second: float = 20.0
+    rate_limit_burst: int = 40
+    rate_limit_close_after: int = 100
+    max_connections: int = 50_000
+    max_connections_per_ip: int = 0
+    max_connections_per_user: int = 100
+    max_channel_name_length: int = 256
+    max_pattern_metachars: int = 8
+    trusted_proxy_hops: int = 0
+    max_connection_age_seconds: float = 0.0
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     channel_policies: tuple[ChannelPolicy, ...] = DEFAULT_CHANNEL_POLICIES
 
@@ -151,6 +174,36 @@ def _redis_url(name: str, raw: str) -> str:
     return value
 
 
+def _csv(name: str, raw: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in raw.split(",") if x.strip())
+    if not items:
+        raise ConfigError(name, raw, "expected a comma-separated list")
+    return items
+
+
+def _algorithms(name: str, raw: str) -> tuple[str, ...]:
+    from .tokens import SUPPORTED_ALGORITHMS
+
+    algs = _csv(name, raw)
+    bad = [a for a in algs if a not in SUPPORTED_ALGORITHMS]
+    if bad:
+        raise ConfigError(
+            name, raw, f"unsupported {bad} (supported: {', '.join(sorted(SUPPORTED_ALGORITHMS))})"
+        )
+    return algs
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    origins = _csv(name, raw)
+    for origin in origins:
+        if origin == "*":
+            continue
+        scheme, sep, rest = origin.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+            raise ConfigError(name, origin, "expected scheme://host[:port] with no path, or *")
+    return origins
+
+
 def _nonempty(name: str, raw: str) -> str:
     if not raw.strip():
         raise ConfigError(name, raw, "must not be empty")
@@ -192,7 +245,46 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "OUTBOUND_HIGH_WATER_BYTES": ("outbound_high_water_bytes", _int_range(1024, 1 << 30)),
     "SLOW_CONSUMER_GRACE_SECONDS": ("slow_consumer_grace_seconds", _float_range(0, 3600)),
     "DEFAULT_CHANNEL_POLICY": ("default_policy", _choice(*POLICIES)),
+    "REDIS_USERNAME": ("redis_username", _nonempty),
+    "REDIS_PASSWORD": ("redis_password", _nonempty),
+    "JWT_SECRET": ("jwt_secret", _nonempty),
+    "JWT_PUBLIC_KEY_FILE": ("jwt_public_key_file", _nonempty),
+    "JWKS_URL": ("jwks_url", _nonempty),
+    "JWKS_FILE": ("jwks_file", _nonempty),
+    "JWT_ALGORITHMS": ("jwt_algorithms", _algorithms),
+    "JWT_ISSUER": ("jwt_issuer", _nonempty),
+    "JWT_AUDIENCE": ("jwt_audience", _nonempty),
+    "JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", _float_range(0, 3600)),
+    "JWKS_REFETCH_COOLDOWN_SECONDS": ("jwks_refetch_cooldown_seconds", _float_range(0, 86400)),
+    "ALLOWED_ORIGINS": ("allowed_origins", _origins),
+    "AUTH_TIMEOUT_SECONDS": ("auth_timeout_seconds", _float_range(0.1, 600)),
+    "RATE_LIMIT_MESSAGES_PER_SECOND": ("rate_limit_per_second", _float_range(0.1, 1_000_000)),
+    "RATE_LIMIT_BURST": ("rate_limit_burst", _int_range(1, 1_000_000)),
+    "RATE_LIMIT_CLOSE_AFTER": ("rate_limit_close_after", _int_range(1, 1_000_000)),
+    "MAX_CONNECTIONS": ("max_connections", _int_range(1, 10_000_000)),
+    "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _int_range(0, 10_000_000)),
+    "MAX_CONNECTIONS_PER_USER": ("max_connections_per_user", _int_range(0, 10_000_000)),
+    "MAX_CHANNEL_NAME_LENGTH": ("max_channel_name_length", _int_range(1, 4096)),
+    "MAX_PATTERN_METACHARS": ("max_pattern_metachars", _int_range(1, 64)),
+    "TRUSTED_PROXY_HOPS": ("trusted_proxy_hops", _int_range(0, 10)),
+    "MAX_CONNECTION_AGE_SECONDS": ("max_connection_age_seconds", _float_range(0, 30 * 86400)),
 }
+
+# Settings whose empty value means "unset" (e.g. an empty Secret key).
+_OPTIONAL_STRINGS = frozenset(
+    {
+        "api_key",
+        "config_file",
+        "redis_username",
+        "redis_password",
+        "jwt_secret",
+        "jwt_public_key_file",
+        "jwks_url",
+        "jwks_file",
+        "jwt_issuer",
+        "jwt_audience",
+    }
+)
 
 
 def _roles_from_file(path: str, raw: object) -> dict[str, RoleConfig]:
@@ -266,7 +358,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     values: dict[str, Any] = {}
     for name, (attr, parse) in ENV_SETTINGS.items():
         raw = env.get(name)
-        if raw is None or (raw == "" and attr in ("api_key", "config_file")):
+        if raw is None or (raw == "" and attr in _OPTIONAL_STRINGS):
             continue
         values[attr] = parse(name, raw)
 
@@ -278,9 +370,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if "channel_policies" in data:
             values["channel_policies"] = _policies_from_file(path, data["channel_policies"])
 
+    if not values.get("jwt_algorithms"):
+        values["jwt_algorithms"] = _default_algorithms(values)
     settings = Settings(**values)
     _check_consistency(settings)
     return settings
+
+
+def _default_algorithms(values: Mapping[str, Any]) -> tuple[str, ...]:
+    algs: list[str] = []
+    if values.get("jwt_secret"):
+        algs += ["HS256", "HS384", "HS512"]
+    if values.get("jwt_public_key_file") or values.get("jwks_url") or values.get("jwks_file"):
+        algs += ["RS256", "ES256", "EdDSA"]
+    return tuple(algs)
 
 
 def _check_consistency(s: Settings) -> None:
@@ -300,6 +403,25 @@ def _check_consistency(s: Settings) -> None:
             s.outbound_high_water_bytes,
             "must not exceed OUTBOUND_BUFFER_BYTES",
         )
-    if s.require_auth and s.api_key is None:
+    jwt_keys = s.jwt_public_key_file or s.jwks_url or s.jwks_file
+    if s.require_auth and s.api_key is None and not (s.jwt_secret or jwt_keys):
         # Without any credential source, requiring auth would lock everybody out.
-        raise ConfigError("REQUIRE_AUTH", "true", "needs GATEWAY_API_KEY to be set")
+        raise ConfigError(
+            "REQUIRE_AUTH", "true", "needs GATEWAY_API_KEY, JWT_SECRET or a JWT public key source"
+        )
+    for alg in s.jwt_algorithms:
+        if alg.startswith("HS") and not s.jwt_secret:
+            raise ConfigError(
+                "JWT_ALGORITHMS", ",".join(s.jwt_algorithms), f"{alg} needs JWT_SECRET"
+            )
+        if not alg.startswith("HS") and not jwt_keys:
+            raise ConfigError(
+                "JWT_ALGORITHMS",
+                ",".join(s.jwt_algorithms),
+                f"{alg} needs JWT_PUBLIC_KEY_FILE, JWKS_FILE or JWKS_URL",
+            )
+    for name, path in (("JWT_PUBLIC_KEY_FILE", s.jwt_public_key_file), ("JWKS_FILE", s.jwks_file)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(name, path, "file not found")
+    if s.jwks_url is not None and not s.jwks_url.startswith(("https://", "http://")):
+        raise ConfigError("JWKS_URL", s.jwks_url, "expected an http(s) URL")

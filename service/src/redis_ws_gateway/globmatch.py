@@ -15,13 +15,13 @@ Pattern syntax, as Redis interprets it:
 ``?``
     Exactly one byte.
 ``[...]``
-    One byte from a set. ``[^...]`` negates the set. ``x-y`` is an inclusive
-    range; a reversed range ``z-a`` is swapped. ``\\x`` adds ``x`` literally.
-    ``]`` right after ``[`` or ``[^`` closes an empty set, which matches
-    nothing (``[^]`` matches any byte). A ``-`` that cannot start a range (too
-    close to the end of the pattern) is literal, and a range may swallow the
-    closing bracket: ``[a-]`` is the range ``a``..``]``, left open. A ``[``
-    that is never closed takes the rest of the pattern as its set.
+    One byte from a set. ``[^...]`` negates the set. An item followed by ``-``
+    and one more byte is an inclusive range, swapped if reversed (``z-a``),
+    and that byte may even be ``]``: ``[a-]`` is the range ``a``..``]``, left
+    open. Any other ``-`` is literal. ``\\x`` adds ``x`` literally and never
+    starts a range. ``]`` right after ``[`` or ``[^`` closes an empty set,
+    which matches nothing (``[^]`` matches any byte). A ``[`` that is never
+    closed takes the rest of the pattern as its set.
 ``\\x``
     The byte ``x`` literally. A backslash that ends the pattern is itself a
     literal backslash.
@@ -34,14 +34,14 @@ deliver:
 * An empty channel name is matched only by the empty pattern: Redis's loop
   never runs when the name is empty, so even ``*`` does not match ``""``.
 * Range ends and the byte are compared as C ``char``, which is signed on
-  x86-64 (the platform Redis is deployed on here): bytes 0x80..0xFF sort
-  *below* ASCII. ``[a-\\xc3]`` therefore means 0xC3..0xFF plus 0x00..``a``.
-  This only matters for ranges with one ASCII and one non-ASCII end. (On
-  platforms where ``char`` is unsigned, such as arm64, Redis differs here.)
+  x86-64: bytes 0x80..0xFF sort *below* ASCII, so ``[a-\\xc3]`` means
+  0xC3..0xFF plus 0x00..``a``. This only matters for ranges with one ASCII
+  and one non-ASCII end (on arm64, where ``char`` is unsigned, Redis differs).
 * Redis gives up (no match) once matching would recurse through more than 1000
   stars, i.e. for a pattern with more than 1000 runs of ``*`` that are
-  followed by something other than ``*``. Redis 7.0.15 as shipped by Debian
-  (CVE-2024-31228 fix) and 7.2.6+/7.4.1+ behave this way.
+  followed by something other than ``*``. Debian's 7.0.15 package has this
+  limit (a backported fix against unbounded pattern recursion), as do current
+  upstream releases.
 
 Complexity: a pattern is compiled once (cached) into one-byte tokens and stars;
 matching is the classic two-pointer scan that, on a mismatch, backtracks only
@@ -255,21 +255,14 @@ def glob_match(pattern: str, name: str) -> bool:
 
 
 def is_pattern(s: str) -> bool:
-    """True when ``s`` has an unescaped ``*``, ``?`` or ``[``.
+    """True when ``s`` contains ``*``, ``?`` or ``[`` anywhere, escaped or not.
 
-    This decides SUBSCRIBE versus PSUBSCRIBE. Note that a string without
-    metacharacters may still contain backslashes: SUBSCRIBE takes them
-    verbatim, whereas PSUBSCRIBE would treat them as escapes.
+    This decides PSUBSCRIBE versus SUBSCRIBE for a client's name. Escaped
+    metacharacters count too, so ``md:\\*`` is the pattern that matches only
+    the channel ``md:*`` (Redis's meaning of the escape) rather than an exact
+    channel whose name holds a backslash.
     """
-    escaped = False
-    for ch in s:
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch in _METACHARS:
-            return True
-    return False
+    return any(ch in _METACHARS for ch in s)
 
 
 def literal_prefix(pattern: str) -> str:

@@ -141,8 +141,22 @@ def subscribed_message(
     )
 
 
-def unsubscribed_message(rid: RequestId, channels: Sequence[str]) -> bytes:
-    return orjson.dumps(_with_rid({"type": "unsubscribed", "channels": list(channels)}, rid))
+def unsubscribed_message(
+    rid: RequestId, channels: Sequence[str], reason: str | None = None
+) -> bytes:
+    msg: dict[str, Any] = {"type": "unsubscribed", "channels": list(channels)}
+    if reason is not None:
+        msg["reason"] = reason
+    return orjson.dumps(_with_rid(msg, rid))
+
+
+def authenticated_message(
+    rid: RequestId, user: str, roles: Sequence[str], expires_at: float | None
+) -> bytes:
+    msg: dict[str, Any] = {"type": "authenticated", "user": user, "roles": list(roles)}
+    if expires_at is not None:
+        msg["expiresAt"] = int(expires_at * 1000)
+    return orjson.dumps(_with_rid(msg, rid))
 
 
 def upstream_lost_message(subscriptions: Iterable[dict[str, Any]]) -> bytes:

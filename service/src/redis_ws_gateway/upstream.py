@@ -14,6 +14,7 @@ the loop runs anything else, and the listener can coalesce writes per client.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import ssl
 import time
@@ -206,10 +207,21 @@ class Upstream:
         backoff_min: float,
         backoff_max: float,
         client_name: str = "redis-ws-gateway",
+        username: str | None = None,
+        password: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         on_state: Callable[[str], None] | None = None,
     ) -> None:
-        self.address = RedisAddress.from_url(url)
+        address = RedisAddress.from_url(url)
+        # A password from its own setting (a Kubernetes Secret) wins over the URL,
+        # so the URL can live in a ConfigMap without credentials.
+        if username is not None or password is not None:
+            address = dataclasses.replace(
+                address,
+                username=username or address.username,
+                password=password or address.password,
+            )
+        self.address = address
         self._listener = listener
         self._connect_timeout = connect_timeout
         self._health_interval = health_interval
