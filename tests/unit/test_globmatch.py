@@ -7,7 +7,6 @@ serves as the oracle for property tests on small inputs.
 
 from __future__ import annotations
 
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import orjson
 import pytest
@@ -84,3 +85,42 @@ def test_text_frame_header_lengths(size: int) -> None:
         assert frame[1] == 126 and int.from_bytes(frame[2:4], "big") == size
     else:
         assert frame[1] == 127 and int.from_bytes(frame[2:10], "big") == size
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False)
+            | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+            ),
+            max_leaves=12,
+        ).map(json.dumps),
+        st.fixed_dictionaries(
+            {"action": st.sampled_from(["subscribe", "unsubscribe", "ping", "auth", "x"])},
+            optional={
+                "channels": st.lists(st.text(max_size=300), max_size=5) | st.integers(),
+                "requestId": st.text(max_size=200) | st.integers() | st.booleans(),
+                "token": st.text(max_size=10) | st.none(),
+            },
+        ).map(json.dumps),
+    )
+)
+def test_decoder_never_fails_other_than_with_a_protocol_error(text: str) -> None:
+    try:
+        req = protocol.decode_request(text)
+    except GatewayError as exc:
+        assert exc.code in {"bad_json", "bad_request", "unknown_action", "bad_channel"}
+        body = orjson.loads(protocol.error_message(exc))
+        assert body["type"] == "error" and body["message"]
+        return
+    assert req.action in protocol.ACTIONS
+    if req.channels is not None:
+        assert all(0 < len(c) <= protocol.MAX_CHANNEL_LENGTH_DEFAULT for c in req.channels)

@@ -214,7 +214,7 @@ class Gateway:
             async for msg in ws:
                 if not bucket.take():
                     if bucket.rejected >= s.rate_limit_close_after:
-                        session.close(CLOSE_RATE_LIMITED, "rate limit exceeded")
+                        await self._close_ws(session, CLOSE_RATE_LIMITED, "rate limit exceeded")
                         break
                     session.send_control(
                         protocol.error_message(RateLimited("too many messages, slow down"))

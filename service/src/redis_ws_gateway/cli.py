@@ -142,6 +142,12 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="redis-ws-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"))
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_cmd_selftest)
+
+    # bench: the load generator; its options live in bench.py.
+    from .bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="load generator: fan-out latency, loss, CPU, memory")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -379,8 +379,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 def _default_algorithms(values: Mapping[str, Any]) -> tuple[str, ...]:
     algs: list[str] = []
-    if values.get("jwt_secret"):
-        algs += ["HS256", "HS384", "HS512"]
+    secret = values.get("jwt_secret")
+    if secret:
+        # Only the HMAC sizes the secret is long enough for (RFC 7518 3.2).
+        size = len(secret.encode())
+        algs += [alg for alg, need in (("HS256", 32), ("HS384", 48), ("HS512", 64)) if size >= need]
     if values.get("jwt_public_key_file") or values.get("jwks_url") or values.get("jwks_file"):
         algs += ["RS256", "ES256", "EdDSA"]
     return tuple(algs)
@@ -420,6 +423,9 @@ def _check_consistency(s: Settings) -> None:
                 ",".join(s.jwt_algorithms),
                 f"{alg} needs JWT_PUBLIC_KEY_FILE, JWKS_FILE or JWKS_URL",
             )
+    if s.jwt_secret is not None and len(s.jwt_secret.encode()) < 32:
+        # RFC 7518 3.2: an HS256 key shorter than the hash output is guessable.
+        raise ConfigError("JWT_SECRET", s.jwt_secret, "must be at least 32 bytes")
     for name, path in (("JWT_PUBLIC_KEY_FILE", s.jwt_public_key_file), ("JWKS_FILE", s.jwks_file)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(name, path, "file not found")

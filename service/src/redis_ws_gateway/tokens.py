@@ -94,14 +94,18 @@ class KeySet:
         return self._keys.get(kid)
 
     async def refresh(self, force: bool = False) -> bool:
-        """Refetch the URL if allowed by the cooldown; True when keys changed."""
+        """Refetch the URL; unless forced, at most once per cooldown. True
+        when a new key set was installed."""
         if self._url is None:
             return False
         async with self._lock:
             now = time.monotonic()
-            if not force and now - self._last_fetch < self._cooldown:
-                return False
-            self._last_fetch = now
+            if not force:
+                # Only unknown-kid refetches count against the cooldown, so the
+                # fetch at start does not block a key rotation for a cooldown.
+                if now - self._last_fetch < self._cooldown:
+                    return False
+                self._last_fetch = now
             self.fetches += 1
             try:
                 data = await asyncio.wait_for(self._download(self._url), self._timeout)

@@ -91,9 +91,7 @@ function formatData(data, encoding, max) {
 }
 
 function formatRate(rate) {
-  if (rate >= 100) return rate.toFixed(0);
-  if (rate >= 10) return rate.toFixed(1);
-  return rate.toFixed(2);
+  return rate >= 100 ? rate.toFixed(0) : rate.toFixed(1);
 }
 
 function formatCount(n) {
@@ -310,7 +308,8 @@ function render() {
   view.scheduled = false;
   const now = performance.now();
   renderConnection();
-  if (view.subsDirty) renderSubscriptions();
+  // Subscriptions show their last seq, so messages redraw them too.
+  if (view.subsDirty || view.dirtyRows.size) renderSubscriptions();
   if (view.dirtyRows.size) renderRows(now);
   if (view.pendingLog.length) renderLog();
   renderStats(now);

@@ -1,0 +1,2199 @@
+"""Load generator: fan-out throughput, latency, CPU per delivery, memory.
+
+``redis-ws-gateway bench`` starts its own redis-server and gateway (or drives
+running ones), connects N WebSocket receivers, publishes timestamped ticks at
+a paced rate and reports loss, latency percentiles, the CPU every process
+spent per delivery, and memory per connection. Workloads W1-W5 are those of
+the issue "Fast fan-out with bounded backpressure"; docs/BENCHMARKS.md
+describes them and holds the latest results.
+
+Process layout with 2+ CPUs: the gateway alone on CPU 0; this process (the
+receivers), redis-server, the publisher and the helper processes on CPU 1, so
+that what the gateway costs is not blurred by what measuring it costs.
+
+The receivers must be far cheaper per frame than the gateway they measure, so
+they are bare asyncio Protocols: they scan WebSocket frame headers and slice
+the publisher's fixed-width timestamp out of each frame with ``bytes.find``;
+JSON is decoded only for control frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import ctypes
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Final, cast
+from urllib.parse import urlparse
+
+monotonic_ns = time.monotonic_ns
+
+# The publisher writes OFFSET + CLOCK_MONOTONIC ns: always 19 digits, so a
+# receiver slices a fixed width instead of scanning for the end of a number
+# (a leading-zero padding would not be valid JSON and the gateway would turn
+# the payload into a string). CLOCK_MONOTONIC is one clock for every process
+# of the machine, so sender and receiver stamps compare directly.
+OFFSET: Final = 10**18
+TS_DIGITS: Final = 19
+NEEDLE: Final = b'{"t":'
+
+# Latency histogram, in units of 1024 ns (a shift, not a division): linear
+# up to LINEAR units (about 4.2 ms), then SUB buckets per power of two
+# (relative error 1/2048) up to about 2**52 ns.
+LINEAR: Final = 4096
+SUB_BITS: Final = 11
+SUB: Final = 1 << SUB_BITS
+OCTAVES: Final = 40
+NBUCKETS: Final = LINEAR + OCTAVES * SUB
+UNIT_SHIFT: Final = 10
+
+WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+PR_SET_PDEATHSIG: Final = 1
+
+GATEWAY_CPU: Final = 0
+BENCH_CPU: Final = 1
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- latency histogram ---------------------------------------------------------
+
+
+def bucket_of(units: int) -> int:
+    if units < LINEAR:
+        return 0 if units < 0 else units
+    e = units.bit_length() - (SUB_BITS + 1)
+    if e > OCTAVES:
+        return NBUCKETS - 1
+    return LINEAR + (e - 1) * SUB + ((units >> e) - SUB)
+
+
+def bucket_upper_ns(idx: int) -> int:
+    if idx < LINEAR:
+        return (idx + 1) << UNIT_SHIFT
+    e = (idx - LINEAR) // SUB + 1
+    m = (idx - LINEAR) % SUB + SUB
+    return ((m + 1) << e) << UNIT_SHIFT
+
+
+class Group:
+    """Receivers whose latency and loss are reported together (fast, slow)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counts = [0] * NBUCKETS
+        self.notices: dict[str, int] = {}
+        self.close_codes: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.counts = [0] * NBUCKETS
+        self.notices = {}
+        self.close_codes = {}
+
+    def record_slow(self, units: int) -> None:
+        self.counts[bucket_of(units)] += 1
+
+    def latency(self) -> dict[str, Any]:
+        return latency_summary(self.counts)
+
+
+def latency_summary(counts: Sequence[int]) -> dict[str, Any]:
+    total = sum(counts)
+    out: dict[str, Any] = {"samples": total}
+    if not total:
+        for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms"):
+            out[k] = None
+        return out
+    wanted = [("p50_ms", 0.5), ("p99_ms", 0.99), ("p999_ms", 0.999)]
+    ranks = [(k, max(1, math.ceil(q * total))) for k, q in wanted]
+    seen = 0
+    ri = 0
+    last = 0
+    for idx, c in enumerate(counts):
+        if not c:
+            continue
+        seen += c
+        last = idx
+        while ri < len(ranks) and seen >= ranks[ri][1]:
+            out[ranks[ri][0]] = round(bucket_upper_ns(idx) / 1e6, 3)
+            ri += 1
+    out["max_ms"] = round(bucket_upper_ns(last) / 1e6, 3)
+    return out
+
+
+# --- WebSocket receiver ----------------------------------------------------------
+
+HANDSHAKE, SUBSCRIBING, LIVE, CLOSED = 0, 1, 2, 3
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client-to-server frame (RFC 6455 requires the mask)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
+    key = os.urandom(4)
+    if not n:
+        return header + key
+    mask = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
+    return header + key + masked
+
+
+def split_frame(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(payload start, payload end) of the frame at ``pos``, None if incomplete."""
+    n = len(data)
+    if n - pos < 2:
+        return None
+    ln = data[pos + 1] & 0x7F
+    start = pos + 2
+    if ln == 126:
+        if n - pos < 4:
+            return None
+        ln = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        start = pos + 4
+    elif ln == 127:
+        if n - pos < 10:
+            return None
+        ln = int.from_bytes(data[pos + 2 : pos + 10], "big")
+        start = pos + 10
+    end = start + ln
+    return None if end > n else (start, end)
+
+
+class Receiver(asyncio.Protocol):
+    """One WebSocket connection that counts data frames and their latency."""
+
+    __slots__ = (
+        "buf",
+        "channels",
+        "close_code",
+        "frames",
+        "group",
+        "key",
+        "ready",
+        "request",
+        "skip",
+        "state",
+        "subscribe",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        group: Group,
+        request: bytes,
+        key: bytes,
+        channels: tuple[str, ...],
+        skip: int,
+    ) -> None:
+        self.group = group
+        self.request = request
+        self.key = key
+        self.channels = channels
+        self.subscribe = client_frame(
+            1,
+            json.dumps(
+                {"action": "subscribe", "channels": list(channels), "requestId": 1},
+                separators=(",", ":"),
+            ).encode(),
+        )
+        # Offset from the needle to the first digit: the gateway embeds the
+        # publisher's bytes ('{"t":1...'), the naive one re-serialises them
+        # with json.dumps's default separators ('{"t": 1...').
+        self.skip = skip
+        self.buf = b""
+        self.frames = 0
+        self.state = HANDSHAKE
+        self.close_code: int | None = None
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"closed during set-up: {exc}"))
+        code = "none" if self.close_code is None else str(self.close_code)
+        self.group.close_codes[code] = self.group.close_codes.get(code, 0) + 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != LIVE:
+            self._setup_received(data)
+            return
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        # One clock read per socket read: every frame in it arrived together.
+        nowx = monotonic_ns() + OFFSET
+        group = self.group
+        counts = group.counts
+        skip = self.skip
+        n = len(data)
+        pos = 0
+        frames = 0
+        while n - pos >= 2:
+            ln = data[pos + 1]
+            if ln < 126:
+                start = pos + 2
+            elif ln == 126:
+                if n - pos < 4:
+                    break
+                ln = (data[pos + 2] << 8) | data[pos + 3]
+                start = pos + 4
+            else:
+                if n - pos < 10:
+                    break
+                ln = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            end = start + ln
+            if end > n:
+                break
+            i = data.find(NEEDLE, start, end) if data[pos] == 0x81 else -1
+            if i < 0:
+                self._control(data[pos], data[start:end])
+            else:
+                i += skip
+                u = (nowx - int(data[i : i + TS_DIGITS])) >> UNIT_SHIFT
+                if 0 <= u < LINEAR:
+                    counts[u] += 1
+                else:
+                    group.record_slow(u)
+                frames += 1
+            pos = end
+        if pos < n:
+            self.buf = data[pos:]
+        self.frames += frames
+
+    # --- set-up and control frames: rare, clarity over speed -------------------
+
+    def _setup_received(self, data: bytes) -> None:
+        data = self.buf + data
+        self.buf = b""
+        if self.state == HANDSHAKE:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = data
+                return
+            error = self._check_handshake(data[:end])
+            if error is not None:
+                self._fail(error)
+                return
+            data = data[end + 4 :]
+            self.state = SUBSCRIBING
+            assert self.transport is not None
+            self.transport.write(self.subscribe)
+        pos = 0
+        while self.state == SUBSCRIBING:
+            span = split_frame(data, pos)
+            if span is None:
+                break
+            start, end = span
+            self._setup_frame(data[pos], data[start:end])
+            pos = end
+        rest = data[pos:]
+        if self.state == LIVE:
+            if rest:
+                self.data_received(rest)
+        else:
+            self.buf = rest
+
+    def _check_handshake(self, head: bytes) -> str | None:
+        lines = head.split(b"\r\n")
+        if not lines[0].startswith(b"HTTP/1.1 101"):
+            return f"upgrade refused: {lines[0].decode('latin-1')}"
+        accept = base64.b64encode(hashlib.sha1(self.key + WS_GUID).digest())
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-accept":
+                if value.strip() == accept:
+                    return None
+                return "bad Sec-WebSocket-Accept"
+        return "no Sec-WebSocket-Accept"
+
+    def _setup_frame(self, first: int, payload: bytes) -> None:
+        if first & 0x0F != 1:
+            self._control(first, payload)
+            return
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            self._fail("non-JSON frame during subscribe")
+            return
+        kind = msg.get("type")
+        if kind == "subscribed":
+            self.state = LIVE
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "error":
+            self._fail(f"subscribe refused: {msg.get('code')}: {msg.get('message')}")
+        else:
+            self._notice(str(kind))
+
+    def _control(self, first: int, payload: bytes) -> None:
+        opcode = first & 0x0F
+        if opcode == 9:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(client_frame(10, payload))
+        elif opcode == 8:
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        elif opcode == 1:
+            try:
+                kind = str(json.loads(payload).get("type"))
+            except (ValueError, AttributeError):
+                kind = "unparsable"
+            self._notice(kind)
+
+    def _notice(self, kind: str) -> None:
+        self.group.notices[kind] = self.group.notices.get(kind, 0) + 1
+
+    def _fail(self, error: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(error))
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass(frozen=True)
+class WsTarget:
+    host: str
+    port: int
+    path: str
+    token: str | None = None
+    skip: int = len(NEEDLE)
+
+    @classmethod
+    def from_url(cls, url: str, token: str | None = None, skip: int = len(NEEDLE)) -> WsTarget:
+        u = urlparse(url)
+        if u.scheme != "ws":
+            raise ValueError(f"only ws:// URLs are supported, not {url!r}")
+        path = u.path or "/"
+        if u.query:
+            path += "?" + u.query
+        return cls(u.hostname or "127.0.0.1", u.port or 80, path, token, skip)
+
+    def request(self) -> tuple[bytes, bytes]:
+        key = base64.b64encode(os.urandom(16))
+        auth = f"Authorization: Bearer {self.token}\r\n" if self.token else ""
+        req = (
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
+        )
+        return req.encode(), key
+
+    def sources(self, count: int, first: int = 2) -> list[str | None]:
+        """Source addresses to spread connections over: each 127.0.0.x has its
+        own ephemeral port range, so 20,000+ connections fit."""
+        if not self.host.startswith("127."):
+            return [None]
+        return [f"127.0.0.{first + k}" for k in range(max(1, count))]
+
+
+async def open_receiver(
+    target: WsTarget,
+    group: Group,
+    channels: tuple[str, ...],
+    source: str | None,
+    timeout: float,
+    rcvbuf: int | None = None,
+) -> Receiver:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if rcvbuf is not None:
+            # Before connect: the window scale is fixed by the handshake.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            # Port chosen at connect time, per (source, destination): the
+            # whole ephemeral range per source address, not per machine.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (target.host, target.port))
+            request, key = target.request()
+            _, proto = await loop.create_connection(
+                lambda: Receiver(group, request, key, channels, target.skip), sock=sock
+            )
+            try:
+                await proto.ready
+            except BaseException:
+                if proto.transport is not None:
+                    proto.transport.abort()
+                raise
+            return proto
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def open_many(
+    target: WsTarget,
+    plan: Sequence[tuple[tuple[str, ...], Group, int | None]],
+    *,
+    concurrency: int,
+    sources: int,
+    source_first: int = 2,
+    timeout: float = 30.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Receiver], list[str]]:
+    """Open one receiver per (channels, group, rcvbuf) entry, bounded concurrency."""
+    addrs = target.sources(sources, source_first)
+    sem = asyncio.Semaphore(concurrency)
+    done: list[Receiver | None] = [None] * len(plan)
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        channels, group, rcvbuf = plan[i]
+        async with sem:
+            try:
+                done[i] = await open_receiver(
+                    target, group, channels, addrs[i % len(addrs)], timeout, rcvbuf
+                )
+            except (OSError, TimeoutError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            if on_progress is not None:
+                on_progress(sum(1 for r in done if r is not None), len(errors))
+
+    await asyncio.gather(*(one(i) for i in range(len(plan))))
+    return [r for r in done if r is not None], errors
+
+
+def close_all(receivers: Iterable[Receiver]) -> None:
+    # abort: a RST leaves no TIME_WAIT on either side to exhaust ports later.
+    for r in receivers:
+        if r.transport is not None:
+            r.transport.abort()
+
+
+# --- processes -------------------------------------------------------------------
+
+
+def _child_setup() -> None:
+    # Children die with the bench, even if it is SIGKILLed.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def proc_stat_cpu(pid: int) -> float:
+    """utime + stime of the whole process, /proc/<pid>/stat (clock ticks)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds with ns resolution (sum of schedstat over threads) where the
+    kernel has schedstat; a tick (10 ms) is too coarse for short windows."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError):
+                with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return proc_stat_cpu(pid)
+    return total / 1e9 if total else proc_stat_cpu(pid)
+
+
+def proc_status_kb(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def proc_nofile(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft, hard = line.split()[3:5]
+                    return f"{soft}/{hard}"
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies per CPU, from /proc/stat: shows noise from other
+    processes on a shared machine."""
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                v = [int(x) for x in line.split()[1:]]
+                idle = v[3] + v[4]
+                out.append((sum(v[:8]) - idle, sum(v[:8])))
+    return out
+
+
+def pin(pid: int, cpu: int) -> bool:
+    if (os.cpu_count() or 1) < 2:
+        return False
+    try:
+        os.sched_setaffinity(pid, {cpu})
+    except OSError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Child:
+    """A child process the bench owns: started pinned, stopped for sure."""
+
+    registry: ClassVar[list[Child]] = []
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        cpu: int | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_child_setup,
+            )
+        finally:
+            if not isinstance(out, int):
+                out.close()
+        self.pid = self.proc.pid
+        self.pinned = pin(self.pid, cpu) if cpu is not None else False
+        Child.registry.append(self)
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self in Child.registry:
+            Child.registry.remove(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for child in list(cls.registry):
+            child.stop(3.0)
+
+
+async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int | None:
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+                )
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return None
+    parts = line.split()
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+
+
+async def wait_http_ready(child: Child | None, host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(
+                f"{child.name} exited with {child.proc.returncode}: see {child.log_path}"
+            )
+        if await http_status(host, port, "/readyz") == 200:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} not ready within {timeout}s")
+
+
+def start_redis(workdir: Path) -> tuple[Child, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (scripts/setup.sh installs it)")
+    port = free_port()
+    data = workdir / "redis-data"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(data),
+        "--protected-mode", "no",
+    ]  # fmt: skip
+    child = Child("redis-server", argv, log_path=workdir / "redis.log", cpu=BENCH_CPU)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return child, f"redis://127.0.0.1:{port}"
+        if not child.alive():
+            break
+        time.sleep(0.02)
+    child.stop()
+    raise RuntimeError(f"redis-server did not start: see {workdir / 'redis.log'}")
+
+
+# --- targets: the gateway under test, and the naive baseline ---------------------------
+
+
+@dataclass
+class Target:
+    kind: str  # "gateway" or "naive"
+    url: str
+    child: Child | None = None
+    pid: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ws(self) -> WsTarget:
+        skip = len(NEEDLE) + (1 if self.kind == "naive" else 0)
+        return WsTarget.from_url(self.url, skip=skip)
+
+    def cpu(self) -> float | None:
+        return proc_cpu(self.pid) if self.pid else None
+
+    def status_kb(self, key: str) -> int | None:
+        return proc_status_kb(self.pid, key) if self.pid else None
+
+
+BENCH_GATEWAY_ENV: Final = {
+    # Per-connection info lines would be the dominant cost of W3's set-up and
+    # are not what is measured.
+    "LOG_LEVEL": "warning",
+    "LOG_FORMAT": "json",
+    # The bench closes its clients itself; a stop must not wait out the
+    # production drain window.
+    "DRAIN_WINDOW_SECONDS": "0.2",
+    "SHUTDOWN_TIMEOUT_SECONDS": "3",
+}
+
+
+async def start_target(
+    kind: str, redis_url: str, workdir: Path, label: str, extra_env: dict[str, str]
+) -> Target:
+    port = free_port()
+    if kind == "gateway":
+        env = {
+            **BENCH_GATEWAY_ENV,
+            "REDIS_URL": redis_url,
+            "REDIS_WS_GATEWAY_HOST": "127.0.0.1",
+            "REDIS_WS_GATEWAY_PORT": str(port),
+            **extra_env,
+        }
+        argv = [sys.executable, "-m", "redis_ws_gateway", "serve"]
+    else:
+        env = {}
+        argv = [
+            sys.executable, "-m", "redis_ws_gateway.bench_naive",
+            "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis_url,
+        ]  # fmt: skip
+    child = Child(
+        f"{kind}-{label}",
+        argv,
+        env={**os.environ, **env},
+        log_path=workdir / f"{kind}-{label}.log",
+        cpu=GATEWAY_CPU,
+    )
+    await wait_http_ready(child, "127.0.0.1", port, 30.0)
+    return Target(kind, f"ws://127.0.0.1:{port}/ws", child, child.pid, env)
+
+
+def stop_target(t: Target) -> None:
+    if t.child is not None:
+        t.child.stop()
+
+
+# --- publisher (separate process) ----------------------------------------------------
+
+
+def make_payload(ts: int, k: int, pad: bytes) -> bytes:
+    # "t" first, so its position in the frame is fixed after the frame prefix.
+    return b'{"t":%d,"k":%d,"pad":"%s"}' % (ts, k, pad)
+
+
+def publisher_main(cfg: dict[str, Any]) -> int:
+    """Publish ``rate`` msg/s round-robin over channels for ``duration`` s.
+
+    Paced by a schedule (message k is due at start + k/rate), so sleep
+    overshoot is caught up instead of drifting. Each message is stamped when it
+    is packed, not when it was due: latency is the path through Redis and the
+    gateway, and lateness of the publisher is reported on its own.
+    """
+    import redis
+
+    r = redis.Redis.from_url(cfg["redis_url"])
+    r.ping()
+    channels = [c.encode() for c in cfg["channels"]]
+    rate = float(cfg["rate"])
+    total = max(1, round(rate * float(cfg["duration"])))
+    size = int(cfg.get("size", 200))
+    pad = b"x" * max(0, size - len(make_payload(OFFSET, total, b"")))
+    nch = len(channels)
+    counts = [0] * nch
+    print(json.dumps({"ready": True}), flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    cpu0 = time.process_time()
+    start = monotonic_ns()
+    interval = 1e9 / rate
+    sent = 0
+    receivers = 0
+    max_behind = 0
+    next_report = start + 250_000_000
+    max_batch = 2000
+    while sent < total:
+        now = monotonic_ns()
+        due = min(total, int((now - start) / interval) + 1, sent + max_batch)
+        if due > sent:
+            max_behind = max(max_behind, now - int(start + sent * interval))
+            pipe = r.pipeline(transaction=False)
+            for k in range(sent, due):
+                ci = k % nch
+                pipe.publish(channels[ci], make_payload(monotonic_ns() + OFFSET, k, pad))
+                counts[ci] += 1
+            receivers += sum(pipe.execute())
+            sent = due
+        now = monotonic_ns()
+        if now >= next_report:
+            print(json.dumps({"sent": sent}), flush=True)
+            next_report += 250_000_000
+        if sent < total:
+            wait = start + sent * interval - monotonic_ns()
+            if wait > 0:
+                time.sleep(wait / 1e9)
+    wall = (monotonic_ns() - start) / 1e9
+    result = {
+        "done": True,
+        "sent": sent,
+        "counts": dict(zip(cfg["channels"], counts, strict=True)),
+        "receivers": receivers,
+        "max_behind_ms": round(max_behind / 1e6, 3),
+        "wall_s": round(wall, 4),
+        "cpu_s": round(time.process_time() - cpu0, 4),
+        "size": len(make_payload(OFFSET, total - 1, pad)),
+    }
+    print(json.dumps(result), flush=True)
+    r.close()
+    return 0
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.result: dict[str, Any] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def prepare(
+        self, redis_url: str, channels: Sequence[str], rate: float, duration: float
+    ) -> None:
+        cfg = {
+            "redis_url": redis_url,
+            "channels": list(channels),
+            "rate": rate,
+            "duration": duration,
+        }
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "redis_ws_gateway.bench",
+            "_publish",
+            json.dumps(cfg),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            preexec_fn=_child_setup,
+        )
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = await self.proc.stdout.readline()
+        if not line or not json.loads(line).get("ready"):
+            raise RuntimeError("publisher failed to start")
+
+    async def run(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(b"go\n")
+        await self.proc.stdin.drain()
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"publisher exited: {await self.proc.wait()}")
+            msg: dict[str, Any] = json.loads(line)
+            if "sent" in msg:
+                self.sent = int(msg["sent"])
+            if msg.get("done"):
+                self.result = msg
+                await self.proc.wait()
+                return msg
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+# --- kernel floor ------------------------------------------------------------------
+
+
+def floor_writer_main(cfg: dict[str, Any]) -> int:
+    """Tight loop of blocking send()s of ``size`` bytes over ``fanout`` sockets.
+
+    The CPU this process spends per write is what one loopback write costs the
+    kernel plus a few bytecodes: the floor under the gateway's per-delivery
+    cost, since every delivery is at least one write to a socket.
+    """
+    cpu = cfg.get("cpu")
+    if cpu is not None:
+        pin(0, int(cpu))
+    socks = []
+    for _ in range(int(cfg["fanout"])):
+        s = socket.create_connection(("127.0.0.1", int(cfg["port"])))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks.append(s)
+    buf = b"x" * int(cfg["size"])
+    sends = [s.send for s in socks]
+    for _ in range(200):
+        for send in sends:
+            send(buf)
+    writes = 0
+    nbytes = 0
+    seconds = float(cfg["seconds"])
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        for _ in range(max(1, 1000 // len(sends))):
+            for send in sends:
+                nbytes += send(buf)
+                writes += 1
+        if time.perf_counter() >= deadline:
+            break
+    cpu_s = time.process_time() - c0
+    wall = time.perf_counter() - t0
+    for s in socks:
+        s.close()
+    print(
+        json.dumps(
+            {
+                "writes": writes,
+                "bytes": nbytes,
+                "cpu_s": cpu_s,
+                "wall_s": wall,
+                "cpu_us_per_write": cpu_s / writes * 1e6,
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def _drain_sockets(listener: socket.socket, count: int, stop: threading.Event) -> None:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    conns = []
+    for _ in range(count):
+        c, _ = listener.accept()
+        c.setblocking(False)
+        sel.register(c, selectors.EVENT_READ)
+        conns.append(c)
+    buf = bytearray(1 << 20)
+    open_count = count
+    while open_count and not stop.is_set():
+        for key, _ in sel.select(0.5):
+            s = cast(socket.socket, key.fileobj)
+            try:
+                n = s.recv_into(buf)
+            except BlockingIOError:
+                continue
+            if n == 0:
+                sel.unregister(s)
+                s.close()
+                open_count -= 1
+    for c in conns:
+        c.close()
+
+
+async def measure_floor(seconds: float, fanout: int) -> dict[str, Any]:
+    """Writer pinned to the gateway's CPU, drainer (a thread here) on ours."""
+    out: dict[str, Any] = {}
+    variants = [("one_frame", 250, 1, 1), ("ten_frames", 2500, 1, 10)]
+    if fanout > 1:
+        variants.append((f"one_frame_{fanout}_sockets", 250, fanout, 1))
+    for name, size, nsock, frames in variants:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(max(128, nsock))
+        port = listener.getsockname()[1]
+        stop = threading.Event()
+        th = threading.Thread(target=_drain_sockets, args=(listener, nsock, stop), daemon=True)
+        th.start()
+        cfg = {"port": port, "size": size, "fanout": nsock, "seconds": seconds}
+        cfg["cpu"] = GATEWAY_CPU if (os.cpu_count() or 1) >= 2 else None
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "redis_ws_gateway.bench",
+            "_floor",
+            json.dumps(cfg),
+            stdout=asyncio.subprocess.PIPE,
+            preexec_fn=_child_setup,
+        )
+        stdout, _ = await proc.communicate()
+        stop.set()
+        await asyncio.to_thread(th.join, 5)
+        listener.close()
+        res = json.loads(stdout)
+        res["size"] = size
+        res["sockets"] = nsock
+        res["frames_per_write"] = frames
+        res["cpu_us_per_frame"] = res["cpu_us_per_write"] / frames
+        out[name] = res
+        log(
+            f"floor {name}: {res['cpu_us_per_write']:.2f} us CPU per {size}-byte write"
+            f" ({res['writes']} writes), {res['cpu_us_per_frame']:.2f} us per frame"
+        )
+    return out
+
+
+# --- helper process holding idle connections (W3) ---------------------------------------
+
+
+def raise_nofile() -> tuple[int, int, str]:
+    """Soft RLIMIT_NOFILE up to the hard limit (the hard limit needs
+    CAP_SYS_RESOURCE, which containers often lack)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    note = "unchanged"
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        note = f"soft raised {soft} -> {hard}"
+    try:
+        want = max(hard, 65536)
+        if want > hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            note += f"; hard raised {hard} -> {want}"
+    except (ValueError, OSError):
+        note += f"; hard limit {hard} cannot be raised (no CAP_SYS_RESOURCE)"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard, note
+
+
+async def _holder(cfg: dict[str, Any]) -> int:
+    raise_nofile()
+    target = WsTarget.from_url(cfg["url"], skip=int(cfg["skip"]))
+    group = Group("idle")
+    channels = tuple(cfg["channels"])
+    plan = [(channels, group, None)] * int(cfg["count"])
+    last = 0.0
+
+    def progress(ok: int, failed: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 0.5:
+            last = now
+            print(json.dumps({"connected": ok, "failed": failed}), flush=True)
+
+    receivers, errors = await open_many(
+        target,
+        plan,
+        concurrency=int(cfg["concurrency"]),
+        sources=int(cfg["sources"]),
+        # Each holder its own block of source addresses: ports are per source.
+        source_first=int(cfg["source_first"]),
+        on_progress=progress,
+    )
+    err_kinds: dict[str, int] = {}
+    for e in errors:
+        err_kinds[e[:120]] = err_kinds.get(e[:120], 0) + 1
+    print(
+        json.dumps({"ready": len(receivers), "failed": len(errors), "errors": err_kinds}),
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).strip()
+        if line == b"count":
+            alive = sum(1 for r in receivers if r.state == LIVE)
+            print(
+                json.dumps(
+                    {
+                        "frames": sum(r.frames for r in receivers),
+                        "alive": alive,
+                        "notices": group.notices,
+                        "close_codes": group.close_codes,
+                    }
+                ),
+                flush=True,
+            )
+        else:
+            close_all(receivers)
+            await asyncio.sleep(0.2)
+            return 0
+
+
+class Holder:
+    """Drives one ``_hold`` process: ready counts, frame counts, shutdown."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.connected = 0
+        self.failed = 0
+        self.ready: dict[str, Any] | None = None
+
+    @classmethod
+    async def start(cls, cfg: dict[str, Any]) -> Holder:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "redis_ws_gateway.bench",
+            "_hold",
+            json.dumps(cfg),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            preexec_fn=_child_setup,
+        )
+        return cls(proc)
+
+    async def wait_ready(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"holder exited: {await self.proc.wait()}")
+            msg: dict[str, Any] = json.loads(line)
+            if "ready" in msg:
+                self.connected = int(msg["ready"])
+                self.failed = int(msg["failed"])
+                self.ready = msg
+                return msg
+            self.connected = int(msg["connected"])
+            self.failed = int(msg["failed"])
+
+    async def ask(self, command: bytes) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + b"\n")
+        await self.proc.stdin.drain()
+        result: dict[str, Any] = json.loads(await self.proc.stdout.readline())
+        return result
+
+    async def quit(self) -> None:
+        if self.proc.returncode is not None:
+            return
+        assert self.proc.stdin is not None
+        with contextlib.suppress(ConnectionError):
+            self.proc.stdin.write(b"quit\n")
+            await self.proc.stdin.drain()
+        try:
+            async with asyncio.timeout(10):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+# --- measurement ---------------------------------------------------------------------
+
+
+@dataclass
+class Snap:
+    wall: float
+    me: float
+    target: float | None
+    redis: float | None
+    cpus: list[tuple[int, int]]
+
+
+def snap(target: Target, redis_child: Child | None) -> Snap:
+    return Snap(
+        time.monotonic(),
+        self_cpu(),
+        target.cpu(),
+        redis_child.cpu() if redis_child is not None else None,
+        cpu_times(),
+    )
+
+
+def _per(a: float | None, b: float | None, n: float, scale: float = 1e6) -> float | None:
+    if a is None or b is None or n <= 0:
+        return None
+    return round((b - a) / n * scale, 3)
+
+
+@dataclass
+class Options:
+    workloads: list[str]
+    quick: bool
+    compare_naive: bool
+    url: str | None
+    redis_url: str | None
+    gateway_pid: int | None
+    token: str | None
+    out: Path
+    profile: bool
+    floor: bool
+    concurrency: int
+    sources: int
+    seed: int
+    w5_buffer: int
+    w5_high_water: int
+
+
+class Bench:
+    def __init__(self, opts: Options) -> None:
+        self.o = opts
+        self.redis_url = opts.redis_url or ""
+        self.redis_child: Child | None = None
+        self.workdir = opts.out
+        self.rng = random.Random(opts.seed)
+        self.notes: list[str] = []
+        self.nofile: dict[str, Any] = {}
+
+    # --- orchestration ----------------------------------------------------------
+
+    async def target(self, kind: str, label: str, env: dict[str, str] | None = None) -> Target:
+        if kind == "gateway" and self.o.url:
+            return Target("gateway", self.o.url, None, self.o.gateway_pid)
+        t = await start_target(kind, self.redis_url, self.workdir, label, env or {})
+        self.nofile[f"{kind}-{label}"] = proc_nofile(t.pid or 0)
+        return t
+
+    async def wait_numsub(self, channels: Sequence[str], timeout: float = 10.0) -> None:
+        """Publishing starts only once Redis has every channel's subscription:
+        a "subscribed" reply of the naive gateway does not guarantee that."""
+        import redis.asyncio as aioredis
+
+        r = aioredis.Redis.from_url(self.redis_url)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                res = await r.pubsub_numsub(*channels)
+                if all(int(n) >= 1 for _, n in res):
+                    return
+                await asyncio.sleep(0.05)
+            raise TimeoutError("channels not subscribed upstream")
+        finally:
+            await r.aclose()
+
+    async def connect(
+        self, target: Target, plan: Sequence[tuple[tuple[str, ...], Group, int | None]], label: str
+    ) -> list[Receiver]:
+        t0 = time.monotonic()
+        last = [0.0]
+
+        def progress(ok: int, failed: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0:
+                last[0] = now
+                log(f"  {label}: connected {ok}/{len(plan)} (failed {failed})")
+
+        receivers, errors = await open_many(
+            target.ws, plan, concurrency=self.o.concurrency, sources=self.o.sources,
+            on_progress=progress,
+        )  # fmt: skip
+        log(
+            f"  {label}: {len(receivers)} connected and subscribed in "
+            f"{time.monotonic() - t0:.1f}s, {len(errors)} failed"
+        )
+        if errors:
+            close_all(receivers)
+            raise RuntimeError(f"{len(errors)} connections failed, first: {errors[0]}")
+        return receivers
+
+    async def step(
+        self,
+        target: Target,
+        receivers: list[Receiver],
+        groups: Sequence[Group],
+        channels: Sequence[str],
+        rate: float,
+        duration: float,
+        label: str,
+        *,
+        slow: Sequence[Receiver] = (),
+        slow_cycle: tuple[float, float] = (0.0, 0.0),
+        drain_max: float = 5.0,
+        on_running: Callable[[], Any] | None = None,
+    ) -> dict[str, Any]:
+        """One measured run: publish at ``rate`` for ``duration``, wait until
+        the receivers have everything (or stop progressing), compare."""
+        for g in groups:
+            g.reset()
+        base = [r.frames for r in receivers]
+        pub = Publisher()
+        await pub.prepare(self.redis_url, channels, rate, duration)
+        stop_slow = asyncio.Event()
+        slow_task = None
+        if slow:
+            slow_task = asyncio.create_task(_slow_readers(slow, *slow_cycle, stop_slow))
+        before = snap(target, self.redis_child)
+        run = asyncio.create_task(pub.run())
+        extra = asyncio.create_task(on_running()) if on_running is not None else None
+        last_recv = 0
+        try:
+            while not run.done():
+                await asyncio.wait({run}, timeout=1.0)
+                recv = sum(r.frames for r in receivers) - sum(base)
+                elapsed = time.monotonic() - before.wall
+                log(
+                    f"  {label} t={elapsed:5.1f}s sent={pub.sent} recv={recv}"
+                    f" ({recv - last_recv}/s)"
+                )
+                last_recv = recv
+            result = run.result()
+        finally:
+            pub.kill()
+            stop_slow.set()
+            if slow_task is not None:
+                await slow_task
+        counts: dict[str, int] = result["counts"]
+        expected = [sum(counts.get(c, 0) for c in r.channels) for r in receivers]
+        total_expected = sum(expected)
+        deadline = time.monotonic() + drain_max
+        last_total = -1
+        last_change = time.monotonic()
+        while time.monotonic() < deadline:
+            got = sum(r.frames for r in receivers) - sum(base)
+            if got >= total_expected:
+                break
+            if got != last_total:
+                last_total, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > 1.5:
+                break
+            await asyncio.sleep(0.05)
+        after = snap(target, self.redis_child)
+        if extra is not None:
+            with contextlib.suppress(Exception):
+                await extra
+        return self._step_result(
+            target, receivers, groups, base, expected, result, before, after, label, rate, duration
+        )
+
+    def _step_result(
+        self,
+        target: Target,
+        receivers: list[Receiver],
+        groups: Sequence[Group],
+        base: list[int],
+        expected: list[int],
+        pub: dict[str, Any],
+        before: Snap,
+        after: Snap,
+        label: str,
+        rate: float,
+        duration: float,
+    ) -> dict[str, Any]:
+        wall = after.wall - before.wall
+        per_group: dict[str, dict[str, Any]] = {}
+        for g in groups:
+            per_group[g.name] = {"clients": 0, "expected": 0, "received": 0, "lost": 0, "extra": 0}
+        for r, b, exp in zip(receivers, base, expected, strict=True):
+            d = per_group[r.group.name]
+            got = r.frames - b
+            d["clients"] += 1
+            d["expected"] += exp
+            d["received"] += got
+            d["lost"] += max(0, exp - got)
+            d["extra"] += max(0, got - exp)
+            if r.state != LIVE:
+                d["disconnected"] = d.get("disconnected", 0) + 1
+        for g in groups:
+            per_group[g.name]["latency"] = g.latency()
+            if g.notices:
+                per_group[g.name]["notices"] = dict(g.notices)
+            if g.close_codes:
+                per_group[g.name]["close_codes"] = dict(g.close_codes)
+        received = sum(d["received"] for d in per_group.values())
+        expected_total = sum(d["expected"] for d in per_group.values())
+        lost = sum(d["lost"] for d in per_group.values())
+        me = after.me - before.me
+        cpu_busy = [
+            round((a[0] - b[0]) / max(1, a[1] - b[1]), 3)
+            for a, b in zip(after.cpus, before.cpus, strict=False)
+        ]
+        t_cpu = (
+            None if after.target is None or before.target is None else after.target - before.target
+        )
+        r_cpu = None if after.redis is None or before.redis is None else after.redis - before.redis
+        out: dict[str, Any] = {
+            "label": label,
+            "rate": rate,
+            "duration_s": duration,
+            "clients": len(receivers),
+            "published": pub["sent"],
+            "publisher": {
+                "max_behind_ms": pub["max_behind_ms"],
+                "achieved_rate": round(pub["sent"] / max(pub["wall_s"], 1e-9), 1),
+                "cpu_us_per_msg": round(pub["cpu_s"] / max(1, pub["sent"]) * 1e6, 2),
+                "redis_receivers_per_msg": round(pub["receivers"] / max(1, pub["sent"]), 3),
+                "payload_bytes": pub["size"],
+            },
+            "expected": expected_total,
+            "received": received,
+            "lost": lost,
+            "loss_ratio": round(lost / expected_total, 6) if expected_total else 0.0,
+            "groups": per_group,
+            "window_s": round(wall, 3),
+            "target": {
+                "cpu_s": None if t_cpu is None else round(t_cpu, 4),
+                "cpu_us_per_delivery": _per(before.target, after.target, received),
+                "cpu_util": None if t_cpu is None else round(t_cpu / wall, 3),
+                "rss_kb": target.status_kb("VmRSS"),
+                "hwm_kb": target.status_kb("VmHWM"),
+            },
+            "redis": {
+                "cpu_s": None if r_cpu is None else round(r_cpu, 4),
+                "cpu_us_per_msg": _per(before.redis, after.redis, pub["sent"]),
+            },
+            "generator": {
+                "cpu_s": round(me, 4),
+                "cpu_us_per_frame": _per(before.me, after.me, received),
+                "cpu_util": round(me / wall, 3),
+            },
+            "cpu_busy": cpu_busy,
+        }
+        flags = []
+        if me / wall >= 0.85:
+            flags.append("generator-limited")
+        if len(cpu_busy) > BENCH_CPU and cpu_busy[BENCH_CPU] >= 0.95:
+            flags.append("cpu1-saturated")
+        if pub["max_behind_ms"] > 100:
+            flags.append("publisher-behind")
+        if t_cpu is not None and t_cpu / wall >= 0.9:
+            flags.append("target-saturated")
+        out["flags"] = flags
+        lat = per_group[groups[0].name]["latency"]
+        log(
+            f"  {label}: expected={expected_total} received={received} lost={lost}"
+            f" p50={lat['p50_ms']}ms p99={lat['p99_ms']}ms p99.9={lat['p999_ms']}ms"
+            f" max={lat['max_ms']}ms target={out['target']['cpu_us_per_delivery']}us/delivery"
+            f" gen={out['generator']['cpu_us_per_frame']}us/frame {' '.join(flags)}"
+        )
+        return out
+
+    # --- workloads ------------------------------------------------------------------
+
+    async def fanout(
+        self,
+        kind: str,
+        name: str,
+        *,
+        clients: int,
+        nchannels: int,
+        per_client: int,
+        steps: Sequence[tuple[float, float]],
+        slow_clients: int = 0,
+        slow_cycle: tuple[float, float] = (0.0, 0.0),
+        env: dict[str, str] | None = None,
+        profile_rate: float | None = None,
+    ) -> dict[str, Any]:
+        channels = [f"bench:{name.lower()}:{i}" for i in range(nchannels)]
+        fast = Group("fast")
+        groups = [fast]
+        plan: list[tuple[tuple[str, ...], Group, int | None]] = []
+        for _ in range(clients):
+            chosen = (
+                tuple(self.rng.sample(channels, per_client))
+                if per_client < nchannels
+                else tuple(channels)
+            )
+            plan.append((chosen, fast, None))
+        slow_group = Group("slow")
+        if slow_clients:
+            groups.append(slow_group)
+            for _ in range(slow_clients):
+                # A small receive buffer makes the kernel stop absorbing
+                # within a pause, so the gateway's own backlog is exercised.
+                plan.append((tuple(channels[:per_client]), slow_group, 4096))
+        target = await self.target(kind, name, env)
+        log(f"{name} against {kind} ({target.url}, pid {target.pid})")
+        receivers: list[Receiver] = []
+        results: dict[str, Any] = {
+            "workload": name,
+            "target": kind,
+            "clients": clients,
+            "slow_clients": slow_clients,
+            "channels": nchannels,
+            "channels_per_client": per_client,
+            "target_env": {k: v for k, v in target.env.items() if k not in ("REDIS_URL",)},
+            "steps": [],
+        }
+        try:
+            rss0 = target.status_kb("VmRSS")
+            receivers = await self.connect(target, plan, f"{name}/{kind}")
+            await self.wait_numsub(channels)
+            slow = [r for r in receivers if r.group is slow_group]
+            results["rss_kb_before_connect"] = rss0
+            results["rss_kb_after_connect"] = target.status_kb("VmRSS")
+            # Warm-up, not measured: first-message allocations and caches.
+            await self.step(
+                target, receivers, groups, channels, min(steps[0][0], 1000), 0.5, f"{name} warm-up"
+            )
+            for rate, duration in steps:
+                label = f"{name} {kind} {int(rate)}/s"
+                res = await self.step(
+                    target, receivers, groups, channels, rate, duration, label,
+                    slow=slow, slow_cycle=slow_cycle, drain_max=10.0 if slow else 5.0,
+                )  # fmt: skip
+                results["steps"].append(res)
+                if profile_rate is not None and rate == profile_rate:
+                    prof = await self.profiled_step(
+                        target, receivers, groups, channels, rate, duration, name
+                    )
+                    if prof is not None:
+                        results["profile"] = prof
+                await asyncio.sleep(0.5)
+            results["hwm_kb"] = target.status_kb("VmHWM")
+        finally:
+            close_all(receivers)
+            await asyncio.sleep(0.3)
+            stop_target(target)
+        return results
+
+    async def profiled_step(
+        self,
+        target: Target,
+        receivers: list[Receiver],
+        groups: Sequence[Group],
+        channels: Sequence[str],
+        rate: float,
+        duration: float,
+        name: str,
+    ) -> dict[str, Any] | None:
+        """A repeat of a step with py-spy attached; its numbers are not the
+        step's (sampling perturbs them), only the profile is kept."""
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if target.pid is None or spy is None:
+            self.notes.append("py-spy profile skipped: py-spy not installed or no gateway pid")
+            return None
+        path = self.workdir / f"profile-{name.lower()}-{target.kind}-{int(rate)}.speedscope.json"
+        proc: asyncio.subprocess.Process | None = None
+
+        async def record() -> None:
+            nonlocal proc
+            proc = await asyncio.create_subprocess_exec(
+                spy, "record", "--pid", str(target.pid), "--rate", "250", "--nonblocking",
+                "--duration", str(max(1, int(duration) - 1)), "--format", "speedscope",
+                "--output", str(path),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                preexec_fn=_child_setup,
+            )  # fmt: skip
+            await proc.wait()
+
+        log(f"  {name}: repeating {int(rate)}/s with py-spy attached -> {path}")
+        res = await self.step(
+            target, receivers, groups, channels, rate, duration,
+            f"{name} {int(rate)}/s (py-spy)", on_running=record,
+        )  # fmt: skip
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+        if not path.exists():
+            self.notes.append("py-spy produced no profile (ptrace not permitted?)")
+            return None
+        summary = summarize_speedscope(path)
+        summary["file"] = str(path)
+        summary["step_under_profiler"] = {k: res[k] for k in ("received", "lost") if k in res} | {
+            "cpu_us_per_delivery": res["target"]["cpu_us_per_delivery"]
+        }
+        return summary
+
+    async def idle(self, kind: str, counts: Sequence[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {"workload": "W3", "target": kind, "runs": []}
+        for n in counts:
+            out["runs"].append(await self._idle_one(kind, n))
+        return out
+
+    async def _idle_one(self, kind: str, n: int) -> dict[str, Any]:
+        channel = "bench:w3:0"
+        target = await self.target(kind, f"W3-{n}")
+        log(f"W3 against {kind}: {n} idle subscribed connections (pid {target.pid})")
+        warm: list[Receiver] = []
+        holders: list[Holder] = []
+        res: dict[str, Any] = {"requested": n, "target_nofile": self.nofile.get(f"{kind}-W3-{n}")}
+        try:
+            # One connection first, so one-off allocations (first upgrade,
+            # first topic) are not charged to the N measured ones.
+            warm = await self.connect(target, [((channel,), Group("warm"), None)], "W3 warm-up")
+            await asyncio.sleep(1.0)
+            rss0 = target.status_kb("VmRSS")
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            per_holder = max(1, min(10_000, soft - 256))
+            k = math.ceil(n / per_holder)
+            t0 = time.monotonic()
+            for i in range(k):
+                count = min(per_holder, n - i * per_holder)
+                holders.append(
+                    await Holder.start(
+                        {
+                            "url": target.url,
+                            "skip": target.ws.skip,
+                            "channels": [channel],
+                            "count": count,
+                            "concurrency": max(1, self.o.concurrency // k),
+                            "sources": self.o.sources,
+                            "source_first": 2 + i * self.o.sources,
+                        }
+                    )
+                )
+            waiters = [asyncio.create_task(h.wait_ready()) for h in holders]
+            while not all(w.done() for w in waiters):
+                await asyncio.wait(waiters, timeout=1.0)
+                ok = sum(h.connected for h in holders)
+                failed = sum(h.failed for h in holders)
+                elapsed = time.monotonic() - t0
+                log(f"  W3/{kind}: connected {ok}/{n} (failed {failed}) t={elapsed:.0f}s")
+            readies = [w.result() for w in waiters]
+            connected = sum(int(r["ready"]) for r in readies)
+            errors: dict[str, int] = {}
+            for r in readies:
+                for e, c in r["errors"].items():
+                    errors[e] = errors.get(e, 0) + c
+            res["connected"] = connected
+            res["failed"] = sum(int(r["failed"]) for r in readies)
+            res["errors"] = errors
+            res["connect_s"] = round(time.monotonic() - t0, 2)
+            await asyncio.sleep(2.0)
+            rss1 = target.status_kb("VmRSS")
+            res["rss_kb_before"] = rss0
+            res["rss_kb_after"] = rss1
+            res["hwm_kb"] = target.status_kb("VmHWM")
+            if rss0 is not None and rss1 is not None and connected:
+                res["rss_bytes_per_connection"] = round((rss1 - rss0) * 1024 / connected)
+            # Proof that the idle connections are subscribed and served.
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(self.redis_url)
+            try:
+                check = make_payload(monotonic_ns() + OFFSET, 0, b"idle-check")
+                await client.publish(channel, check)
+            finally:
+                await client.aclose()
+            delivered = 0
+            for _ in range(50):
+                await asyncio.sleep(0.2)
+                answers = [await h.ask(b"count") for h in holders]
+                delivered = sum(int(a["frames"]) for a in answers)
+                if delivered >= connected:
+                    break
+            res["check_message_delivered"] = delivered
+            res["alive"] = sum(int(a["alive"]) for a in answers)
+            log(
+                f"  W3/{kind} {n}: connected={connected} failed={res['failed']}"
+                f" rss {rss0} -> {rss1} KB = {res.get('rss_bytes_per_connection')} B/conn,"
+                f" check message delivered to {delivered}"
+            )
+        finally:
+            for h in holders:
+                await h.quit()
+            close_all(warm)
+            await asyncio.sleep(0.3)
+            stop_target(target)
+        return res
+
+    # --- the run ------------------------------------------------------------------------
+
+    def plans(self) -> dict[str, dict[str, Any]]:
+        q = self.o.quick
+        w1: dict[str, Any] = {
+            "clients": 20 if q else 1000,
+            "nchannels": 1,
+            "per_client": 1,
+            "steps": [(50, 2.0)] if q else [(100, 15.0)],
+        }
+        env5 = {
+            "OUTBOUND_BUFFER_BYTES": str(self.o.w5_buffer),
+            "OUTBOUND_HIGH_WATER_BYTES": str(self.o.w5_high_water),
+        }
+        return {
+            "W1": w1,
+            "W2": {
+                "clients": 10 if q else 50,
+                "nchannels": 1,
+                "per_client": 1,
+                "steps": [(500, 1.0), (1000, 1.0)]
+                if q
+                else [(2000, 10.0), (5000, 10.0), (10000, 10.0), (20000, 10.0)],
+                "profile_rate": (1000 if q else 10000) if self.o.profile else None,
+            },
+            "W4": {
+                "clients": 50 if q else 1000,
+                "nchannels": 20 if q else 200,
+                "per_client": 5,
+                "steps": [(200, 2.0)] if q else [(2000, 15.0)],
+            },
+            "W5": {
+                **w1,
+                "slow_clients": max(1, w1["clients"] // 10),
+                "slow_cycle": (0.5, 0.25) if q else (2.5, 0.5),
+                "env": env5,
+            },
+        }
+
+    async def run(self) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        soft, hard, note = raise_nofile()
+        self.nofile["bench"] = f"{soft}/{hard} ({note})"
+        report: dict[str, Any] = {
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(["redis-ws-gateway", "bench", *sys.argv[2:]])
+            if len(sys.argv) > 1 and sys.argv[1] == "bench"
+            else " ".join(sys.argv),
+            "machine": machine_info(),
+            "options": {
+                "workloads": self.o.workloads,
+                "quick": self.o.quick,
+                "compare_naive": self.o.compare_naive,
+                "seed": self.o.seed,
+            },
+            "pinned": pin(0, BENCH_CPU),
+            "results": [],
+        }
+        if not self.o.redis_url:
+            self.redis_child, self.redis_url = start_redis(self.workdir)
+            report["redis_pid"] = self.redis_child.pid
+        log(f"bench: redis {self.redis_url}; output {self.workdir}")
+        if self.o.floor:
+            report["floor"] = await measure_floor(
+                0.3 if self.o.quick else 2.0, 10 if self.o.quick else 1000
+            )
+        kinds = ["gateway"] + (["naive"] if self.o.compare_naive else [])
+        plans = self.plans()
+        for wl in self.o.workloads:
+            for kind in kinds:
+                if wl == "W3":
+                    counts = [200, 500] if self.o.quick else [5000, 20000]
+                    report["results"].append(await self.idle(kind, counts))
+                else:
+                    p = dict(plans[wl])
+                    if kind != "gateway":
+                        p.pop("env", None)
+                        p.pop("profile_rate", None)
+                    report["results"].append(await self.fanout(kind, wl, **p))
+        report["nofile"] = self.nofile
+        report["notes"] = self.notes
+        report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        report["assessment"] = assess(report)
+        return report
+
+
+async def _slow_readers(
+    receivers: Sequence[Receiver], pause: float, read: float, stop: asyncio.Event
+) -> None:
+    def set_reading(on: bool) -> None:
+        for r in receivers:
+            if r.transport is not None and not r.transport.is_closing():
+                if on:
+                    r.transport.resume_reading()
+                else:
+                    r.transport.pause_reading()
+
+    try:
+        while not stop.is_set():
+            set_reading(False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            set_reading(True)
+            if stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), read)
+    finally:
+        # Read what is left so the drain can count it.
+        set_reading(True)
+
+
+# --- reporting -----------------------------------------------------------------------
+
+
+def summarize_speedscope(path: Path, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive sample counts per function, over every thread."""
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+    self_n: dict[int, float] = {}
+    incl_n: dict[int, float] = {}
+    total = 0.0
+    for prof in data["profiles"]:
+        if prof.get("type") != "sampled":
+            continue
+        for stack, w in zip(prof["samples"], prof["weights"], strict=False):
+            if not stack:
+                continue
+            total += w
+            self_n[stack[-1]] = self_n.get(stack[-1], 0) + w
+            for f in set(stack):
+                incl_n[f] = incl_n.get(f, 0) + w
+
+    def describe(i: int, n: float) -> dict[str, Any]:
+        fr = frames[i]
+        where = f"{Path(str(fr.get('file', '?'))).name}:{fr.get('line', '?')}"
+        return {"function": fr.get("name", "?"), "where": where, "pct": round(100 * n / total, 1)}
+
+    by_self = sorted(self_n.items(), key=lambda kv: -kv[1])[:top]
+    by_incl = sorted(incl_n.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "samples": total,
+        "top_self": [describe(i, n) for i, n in by_self],
+        "top_inclusive": [describe(i, n) for i, n in by_incl],
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    from importlib.metadata import version
+
+    import aiohttp
+
+    uv = version("uvloop")
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uv,
+        "loadavg_at_start": load,
+    }
+
+
+def _steps(report: dict[str, Any], wl: str, kind: str) -> list[dict[str, Any]]:
+    for r in report["results"]:
+        if r["workload"] == wl and r["target"] == kind:
+            steps: list[dict[str, Any]] = r.get("steps", [])
+            return steps
+    return []
+
+
+def _step_at(report: dict[str, Any], wl: str, kind: str, rate: float) -> dict[str, Any] | None:
+    for s in _steps(report, wl, kind):
+        if s["rate"] == rate:
+            return s
+    return None
+
+
+def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets against this run's numbers (full-scale runs)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, target: str, actual: str, ok: bool | None) -> None:
+        out.append({"target": name, "goal": target, "actual": actual, "met": ok})
+
+    floor = report.get("floor", {}).get("one_frame", {}).get("cpu_us_per_write")
+    w1 = _steps(report, "W1", "gateway")
+    if w1:
+        us = w1[0]["target"]["cpu_us_per_delivery"]
+        if floor and us is not None:
+            ratio = us / floor
+            add(
+                "W1 CPU/delivery vs kernel floor",
+                "<= 1.15x",
+                f"{us:.2f} us = {ratio:.2f}x of {floor:.2f} us",
+                ratio <= 1.15,
+            )
+        add("W1 loss", "0", str(w1[0]["lost"]), w1[0]["lost"] == 0)
+    for rate, p99_goal, us_goal in ((5000, 5.0, 1.5), (10000, None, 1.0)):
+        s = _step_at(report, "W2", "gateway", rate)
+        if s is None:
+            continue
+        p99 = s["groups"]["fast"]["latency"]["p99_ms"]
+        us = s["target"]["cpu_us_per_delivery"]
+        add(f"W2 {rate}/s loss", "0", str(s["lost"]), s["lost"] == 0)
+        if p99_goal is not None:
+            add(
+                f"W2 {rate}/s p99",
+                f"<= {p99_goal} ms",
+                f"{p99} ms",
+                p99 is not None and p99 <= p99_goal,
+            )
+        add(
+            f"W2 {rate}/s CPU/delivery",
+            f"<= {us_goal} us",
+            f"{us} us",
+            us is not None and us <= us_goal,
+        )
+    for r in report["results"]:
+        if r["workload"] == "W3" and r["target"] == "gateway":
+            for run in r["runs"]:
+                per = run.get("rss_bytes_per_connection")
+                goal = run["requested"] >= 20000
+                add(
+                    f"W3 RSS/connection at {run['connected']} connections",
+                    "<= 8 KB at 20,000" if goal else "(informative)",
+                    f"{per} B" if per is not None else "n/a",
+                    (per is not None and per <= 8192) if goal else None,
+                )
+    w4 = _steps(report, "W4", "gateway")
+    if w4:
+        s = w4[0]
+        p99 = s["groups"]["fast"]["latency"]["p99_ms"]
+        us = s["target"]["cpu_us_per_delivery"]
+        add("W4 loss", "0", str(s["lost"]), s["lost"] == 0)
+        add("W4 p99", "<= 5 ms", f"{p99} ms", p99 is not None and p99 <= 5.0)
+        add("W4 CPU/delivery", "<= 7 us", f"{us} us", us is not None and us <= 7.0)
+    w5 = _steps(report, "W5", "gateway")
+    if w5 and w1:
+        p5 = w5[0]["groups"]["fast"]["latency"]["p99_ms"]
+        p1 = w1[0]["groups"]["fast"]["latency"]["p99_ms"]
+        if p5 is not None and p1:
+            add(
+                "W5 fast clients' p99 vs W1",
+                "<= 1.2x",
+                f"{p5} ms vs {p1} ms ({p5 / p1:.2f}x)",
+                p5 <= 1.2 * p1,
+            )
+        add(
+            "W5 fast clients' loss",
+            "0",
+            str(w5[0]["groups"]["fast"]["lost"]),
+            w5[0]["groups"]["fast"]["lost"] == 0,
+        )
+        for r in report["results"]:
+            if r["workload"] == "W5" and r["target"] == "gateway":
+                add("W5 gateway peak RSS (VmHWM)", "bounded", f"{r.get('hwm_kb')} KB", None)
+    return out
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Bench report",
+        "",
+        f"`{report['command']}`, {report['started_at']} - {report['finished_at']}",
+        "",
+        f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, Python {m['python']},"
+        f" aiohttp {m['aiohttp']}, uvloop {m['uvloop']}; load average at start"
+        f" {' '.join(m['loadavg_at_start'])}. RLIMIT_NOFILE: {report['nofile'].get('bench')}.",
+        "",
+    ]
+    floor = report.get("floor")
+    if floor:
+        lines += ["## Kernel floor (loopback write, writer on the gateway's CPU)", ""]
+        lines += ["| variant | bytes/write | CPU us/write | CPU us/frame |", "|---|---:|---:|---:|"]
+        for name, f in floor.items():
+            lines.append(
+                f"| {name} | {f['size']} | {f['cpu_us_per_write']:.2f}"
+                f" | {f['cpu_us_per_frame']:.2f} |"
+            )
+        lines.append("")
+    floor_us = (floor or {}).get("one_frame", {}).get("cpu_us_per_write")
+    lines += [
+        "## Fan-out workloads",
+        "",
+        "Latency is publish -> receive (CLOCK_MONOTONIC, same machine). CPU columns are"
+        " microseconds of CPU per delivered frame (gateway, generator) or per published"
+        " message (redis).",
+        "",
+        "| workload | target | rate/s | clients | expected | received | lost | p50 ms | p99 ms"
+        " | p99.9 ms | max ms | target us/deliv | vs floor | target CPU | RSS MB | redis us/msg"
+        " | gen us/frame | gen CPU | flags |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["results"]:
+        if "steps" not in r:
+            continue
+        for s in r["steps"]:
+            for gname, g in s["groups"].items():
+                lat = g["latency"]
+                tgt = s["target"]
+                rss = tgt["rss_kb"]
+                gen = s["generator"]
+                lines.append(
+                    _row(
+                        r["workload"] + ("" if gname == "fast" else f" ({gname})"),
+                        r["target"],
+                        int(s["rate"]),
+                        g["clients"],
+                        g["expected"],
+                        g["received"],
+                        g["lost"],
+                        _fmt(lat["p50_ms"]),
+                        _fmt(lat["p99_ms"]),
+                        _fmt(lat["p999_ms"]),
+                        _fmt(lat["max_ms"]),
+                        _fmt(tgt["cpu_us_per_delivery"]),
+                        _ratio(tgt["cpu_us_per_delivery"], floor_us),
+                        _fmt(tgt["cpu_util"]),
+                        _fmt(rss / 1024 if rss else None, 1),
+                        _fmt(s["redis"]["cpu_us_per_msg"]),
+                        _fmt(gen["cpu_us_per_frame"]),
+                        _fmt(gen["cpu_util"]),
+                        " ".join(s["flags"]),
+                    )
+                )
+    lines.append("")
+    idle = [r for r in report["results"] if r["workload"] == "W3"]
+    if idle:
+        lines += [
+            "## W3: idle subscribed connections",
+            "",
+            "| target | requested | connected | failed | RSS before MB | RSS after MB | bytes/conn"
+            " | VmHWM MB | check msg delivered |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in idle:
+            for run in r["runs"]:
+                b, a, h = run.get("rss_kb_before"), run.get("rss_kb_after"), run.get("hwm_kb")
+                lines.append(
+                    _row(
+                        r["target"],
+                        run["requested"],
+                        run.get("connected"),
+                        run.get("failed"),
+                        _fmt(b / 1024 if b else None, 1),
+                        _fmt(a / 1024 if a else None, 1),
+                        run.get("rss_bytes_per_connection"),
+                        _fmt(h / 1024 if h else None, 1),
+                        run.get("check_message_delivered"),
+                    )
+                )
+                if run.get("errors"):
+                    lines.append(f"|  | errors: {run['errors']} | | | | | | | |")
+        lines.append("")
+    naive = [r for r in report["results"] if r["target"] == "naive" and "steps" in r]
+    if naive:
+        lines += [
+            "## Naive baseline: CPU per delivery",
+            "",
+            "| workload | rate/s | gateway us/deliv | naive us/deliv | naive / gateway |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in naive:
+            for s in r["steps"]:
+                g = _step_at(report, r["workload"], "gateway", s["rate"])
+                gu = g["target"]["cpu_us_per_delivery"] if g else None
+                nu = s["target"]["cpu_us_per_delivery"]
+                lines.append(
+                    _row(r["workload"], int(s["rate"]), _fmt(gu), _fmt(nu), _ratio(nu, gu))
+                )
+        lines.append("")
+    profiles = [r for r in report["results"] if r.get("profile")]
+    for r in profiles:
+        p = r["profile"]
+        lines += [
+            f"## py-spy profile of the gateway ({r['workload']}, {p['file']})",
+            "",
+            "| # | function | where | self % |",
+            "|---:|---|---|---:|",
+        ]
+        for i, f in enumerate(p["top_self"][:10], 1):
+            lines.append(f"| {i} | `{f['function']}` | {f['where']} | {f['pct']} |")
+        lines.append("")
+    if report.get("assessment"):
+        lines += ["## Targets", "", "| target | goal | actual | met |", "|---|---|---|---|"]
+        for a in report["assessment"]:
+            met = {True: "yes", False: "**no**", None: "-"}[a["met"]]
+            lines.append(f"| {a['target']} | {a['goal']} | {a['actual']} | {met} |")
+        lines.append("")
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+WORKLOADS: Final = ("W1", "W2", "W3", "W4", "W5")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload",
+        default="all",
+        help="W1..W5, a comma-separated list, or all (default: all)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny scale and seconds-long steps (smoke run)"
+    )
+    p.add_argument("--compare-naive", action="store_true", help="also run against bench_naive")
+    p.add_argument("--url", help="drive this running gateway (ws://...) instead of starting one")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one (needed with --url)")
+    p.add_argument("--gateway-pid", type=int, help="pid of the --url gateway, for CPU and RSS")
+    p.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"), help="credential for --url")
+    p.add_argument(
+        "--out", default="artifacts/bench", help="report directory (default: %(default)s)"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the gateway during W2 at 10k msg/s"
+    )
+    p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the kernel floor")
+    p.add_argument("--concurrency", type=int, default=200, help="connections opened at once")
+    p.add_argument("--sources", type=int, default=4, help="127.0.0.x source addresses to use")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--w5-buffer-bytes", type=int, default=32768, help="OUTBOUND_BUFFER_BYTES in W5")
+    p.add_argument(
+        "--w5-high-water-bytes", type=int, default=8192, help="OUTBOUND_HIGH_WATER_BYTES in W5"
+    )
+
+
+def _options(args: argparse.Namespace) -> Options:
+    raw = [w.strip().upper() for w in str(args.workload).split(",") if w.strip()]
+    workloads = list(WORKLOADS) if raw in ([], ["ALL"]) else raw
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise ValueError(f"unknown workload {w!r} (known: {', '.join(WORKLOADS)}, all)")
+    if args.url and not args.redis_url:
+        raise ValueError("--url needs --redis-url (the bench publishes to that Redis)")
+    for u in (args.url, args.redis_url):
+        host = urlparse(u).hostname if u else "127.0.0.1"
+        if host not in ("127.0.0.1", "localhost") and not str(host).startswith("127."):
+            raise ValueError(f"the bench only drives loopback targets, not {u!r}")
+    return Options(
+        workloads=workloads,
+        quick=bool(args.quick),
+        compare_naive=bool(args.compare_naive),
+        url=args.url,
+        redis_url=args.redis_url,
+        gateway_pid=args.gateway_pid,
+        token=args.token,
+        out=Path(args.out),
+        profile=bool(args.profile),
+        floor=bool(args.floor),
+        concurrency=max(1, int(args.concurrency)),
+        sources=max(1, int(args.sources)),
+        seed=int(args.seed),
+        w5_buffer=int(args.w5_buffer_bytes),
+        w5_high_water=int(args.w5_high_water_bytes),
+    )
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``redis-ws-gateway bench``."""
+    import uvloop
+
+    try:
+        opts = _options(args)
+    except ValueError as exc:
+        log(f"bench: {exc}")
+        return 2
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    bench = Bench(opts)
+    try:
+        report = uvloop.run(bench.run())
+    except KeyboardInterrupt:
+        log("bench: interrupted; stopping child processes")
+        return 130
+    finally:
+        Child.stop_all()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (opts.out / "report.md").write_text(markdown(report))
+    log(f"bench: wrote {opts.out / 'report.json'} and {opts.out / 'report.md'}")
+    return 0
+
+
+def _worker_main(argv: list[str]) -> int:
+    """Helper processes: ``_publish``, ``_floor`` and ``_hold`` with a JSON config."""
+    role, cfg = argv[0], json.loads(argv[1])
+    if role == "_publish":
+        return publisher_main(cfg)
+    if role == "_floor":
+        return floor_writer_main(cfg)
+    if role == "_hold":
+        import uvloop
+
+        return int(uvloop.run(_holder(cfg)))
+    raise SystemExit(f"unknown helper role {role!r}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(_worker_main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        sys.exit(130)
