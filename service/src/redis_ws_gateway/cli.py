@@ -122,7 +122,12 @@ async def _selftest(url: str, redis_url: str, token: str | None, timeout: float)
     channel = f"selftest:{uuid.uuid4().hex}"
     async with GatewayClient(url, token, timeout=timeout) as client:
         await client.subscribe(channel)
-        r = aioredis.from_url(redis_url)
+        # The chart passes the password on its own (from a Secret), not in the URL.
+        r = aioredis.from_url(
+            redis_url,
+            username=os.environ.get("REDIS_USERNAME") or None,
+            password=os.environ.get("REDIS_PASSWORD") or None,
+        )
         try:
             await r.publish(channel, b'{"selftest":true}')
         finally:

@@ -137,6 +137,12 @@ export class GatewayClient {
       this._attempt = 0;
       this._retrying = false;
       this._open();
+    } else if (this._retryTimer !== null) {
+      // Asked again while waiting out a backoff (the user pressed Connect,
+      // the network came back): try now.
+      clearTimeout(this._retryTimer);
+      this._retryTimer = null;
+      this._open();
     }
     return opened;
   }
@@ -245,6 +251,7 @@ export class GatewayClient {
     }
     for (const entry of this._subs.values()) {
       entry.sent = false;
+      entry.requestId = undefined;
       entry.confirmed = false;
       entry.live = false;
       entry.synced = false;
@@ -280,12 +287,17 @@ export class GatewayClient {
 
   /** Send `{action, ...fields, requestId}`; resolves with the reply frame. */
   request(action, fields = {}) {
+    return this._request(action, fields).reply;
+  }
+
+  _request(action, fields) {
     if (!this._isOpen()) {
-      return Promise.reject(new GatewayError("not_connected", `${action}: not connected`));
+      const reply = Promise.reject(new GatewayError("not_connected", `${action}: not connected`));
+      return { requestId: undefined, reply };
     }
     const requestId = `r${this._nextId++}`;
     const ws = this._ws;
-    return new Promise((resolve, reject) => {
+    const reply = new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this._pending.delete(requestId);
         reject(new GatewayError(
@@ -300,6 +312,7 @@ export class GatewayClient {
         reject(new GatewayError("disconnected", String(error)));
       }
     });
+    return { requestId, reply };
   }
 
   /** Application-level round trip. Resolves with `{ time, rttMs }`. */
@@ -354,8 +367,10 @@ export class GatewayClient {
     const ws = this._ws;
     for (const entry of entries) entry.sent = true;
     const channels = entries.map((entry) => wireName(entry));
+    const { requestId, reply } = this._request("subscribe", { channels });
+    for (const entry of entries) entry.requestId = requestId;
     try {
-      await this.request("subscribe", { channels });
+      await reply;
       // The reply's states were applied by _onFrame, before this resumes.
     } catch (error) {
       if (ws !== this._ws || !this._isOpen()) return;
@@ -424,10 +439,10 @@ export class GatewayClient {
         this._onData(frame);
         return;
       case "subscribed":
-        this._applyStates(frame.subscriptions);
+        this._applyStates(frame.subscriptions, frame.requestId);
         break;
       case "resubscribed": {
-        const subscriptions = this._applyStates(frame.subscriptions);
+        const subscriptions = this._applyStates(frame.subscriptions, undefined);
         this._call(this._on.resubscribed, { subscriptions, frame });
         break;
       }
@@ -463,16 +478,25 @@ export class GatewayClient {
     }
   }
 
-  _applyStates(states) {
+  /**
+   * `requestId` is the reply's (undefined for notices). A reply to an older
+   * request for the same key (subscribe, unsubscribe, subscribe again in one
+   * breath, as React's StrictMode does) describes a subscription the server
+   * has since dropped, so only the latest request's reply counts.
+   */
+  _applyStates(states, requestId) {
     const applied = [];
     for (const state of states ?? []) {
       const key = state.pattern ?? state.channel;
       const entry = this._subs.get(key);
       if (entry === undefined) continue;
+      if (requestId !== undefined && entry.requestId !== undefined
+          && String(requestId) !== entry.requestId) continue;
       const seq = typeof state.seq === "number" ? state.seq : 0;
-      // Frames seen since the upstream was lost belong to the epoch this
-      // state names (the server may send them ahead of it), so they count.
-      entry.lastSeq = entry.sawUnsynced && entry.lastSeq !== null
+      // A reply is built the moment the server attaches the subscription, so
+      // every later frame follows its seq. A notice may trail frames of the
+      // epoch it names (seen while unsynced); those count towards it.
+      entry.lastSeq = requestId === undefined && entry.sawUnsynced && entry.lastSeq !== null
         ? Math.max(entry.lastSeq, seq)
         : seq;
       entry.epoch = state.epoch ?? null;
@@ -552,6 +576,7 @@ function newEntry(key) {
     kind: isPattern(key) ? "pattern" : "channel",
     handlers: new Set(),
     sent: false,
+    requestId: undefined,
     confirmed: false,
     failed: false,
     live: false,
