@@ -16,13 +16,17 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import orjson
 import structlog
 from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
 
 from . import protocol
 from .auth import Authenticator, Principal, build_acl
-from .config import Settings
+from .config import Settings, SnapshotRule
+from .durable import Durable, StreamSpec
 from .errors import (
     BadChannel,
     BadField,
@@ -37,6 +41,7 @@ from .errors import (
 from .hub import Hub
 from .limits import ConnectionCounter, TokenBucket, pattern_metachars
 from .session import Session
+from .snapshots import Snapshots
 from .upstream import Upstream
 
 log = structlog.get_logger("redis_ws_gateway.app")
@@ -72,6 +77,8 @@ class Gateway:
             password=settings.redis_password,
         )
         self.hub.upstream = self.upstream
+        self.durable = Durable(settings, self.hub)
+        self.snapshots = Snapshots(settings, self.durable.redis)
         self.sessions: dict[Session, web.WebSocketResponse] = {}
         self.draining = False
         self.started_at = time.time()
@@ -89,6 +96,7 @@ class Gateway:
     async def start(self) -> None:
         await self.auth.start()
         self.upstream.start()
+        self.durable.start()
 
     async def drain(self) -> None:
         """Tell every client to reconnect elsewhere, spread over the window."""
@@ -114,6 +122,7 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.upstream.stop()
+        await self.durable.stop()
 
     # --- sessions -----------------------------------------------------------
 
@@ -328,10 +337,7 @@ class Gateway:
         elif req.action == "subscribe":
             assert req.channels is not None
             self._check_subscribe(session, principal, req.channels)
-            subs = await self.hub.subscribe(
-                session, req.channels, self.settings.subscribe_timeout_seconds
-            )
-            session.send_control(protocol.subscribed_message(req.request_id, req.channels, subs))
+            await self._subscribe(session, req)
             log.info("subscribed", conn=session.id, channels=list(req.channels))
         elif req.action == "unsubscribe":
             if req.channels is not None:
@@ -346,6 +352,53 @@ class Gateway:
             removed = self.hub.unsubscribe(session, req.channels)
             session.send_control(protocol.unsubscribed_message(req.request_id, removed))
             log.info("unsubscribed", conn=session.id, channels=removed)
+
+    async def _subscribe(self, session: Session, req: protocol.Request) -> None:
+        assert req.channels is not None
+        durable: dict[str, StreamSpec] = {}
+        snapshots: dict[str, SnapshotRule] = {}
+        for name in req.channels:
+            spec = self.durable.spec(name) if self.hub.topic_key(name)[0] == "channel" else None
+            opts = req.options.get(name)
+            if spec is not None:
+                durable[name] = spec
+            elif opts is not None and opts.since is not None:
+                raise BadField(f"{name} is not a durable channel: since needs one", channel=name)
+            elif opts is not None and opts.snapshot is not None:
+                rule = self.snapshots.rule(name)
+                if rule is None:
+                    raise BadField(f"no snapshot is configured for {name}", channel=name)
+                snapshots[name] = rule
+        plain = [n for n in req.channels if n not in durable]
+        states: dict[str, dict[str, Any]] = {}
+        if snapshots:
+            session.hold()
+        try:
+            if plain:
+                subs = await self.hub.subscribe(
+                    session, plain, self.settings.subscribe_timeout_seconds
+                )
+                states.update(zip(plain, subs, strict=True))
+            first: list[bytes] = []
+            for name, rule in snapshots.items():
+                body = await self.snapshots.read(name, rule)
+                states[name]["snapshot"] = body is not None
+                if body is not None:
+                    first.append(protocol.snapshot_message(name, body))
+        except BaseException:
+            if snapshots:
+                session.release([])
+            raise
+        for name, spec in durable.items():
+            states[name] = await self.durable.subscribe(session, spec, req.options.get(name))
+        reply = protocol.subscribed_message(
+            req.request_id, req.channels, [states[n] for n in req.channels]
+        )
+        if snapshots:
+            # The snapshot and the reply go out before what arrived live meanwhile.
+            session.release([*first, reply])
+        else:
+            session.send_control(reply)
 
     def _check_subscribe(
         self, session: Session, principal: Principal, channels: tuple[str, ...]
@@ -392,8 +445,58 @@ class Gateway:
         name = _STATIC_ROUTES[request.path]
         return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})
 
+    async def publish(self, request: web.Request) -> web.Response:
+        """POST /publish {"channel": ..., "data": <JSON>} for services that do
+        not speak Redis. Durable channels get one XADD (the reply carries the
+        offset); others a PUBLISH (the reply carries the receiver count)."""
+        credential, _ = _credential(request)
+        if credential is None:
+            return _http_error(401, "unauthorized", "credential required")
+        try:
+            principal = await self.auth.authenticate(credential)
+        except (Unauthorized, Forbidden) as exc:
+            return _http_error(401, exc.code, str(exc))
+        if principal.via != "api_key" and "publisher" not in principal.roles:
+            return _http_error(403, "forbidden", "needs the API key or the publisher role")
+        if (request.content_length or 0) > self.settings.publish_max_bytes:
+            return _http_error(
+                413, "too_large", f"body over {self.settings.publish_max_bytes} bytes"
+            )
+        raw = await request.content.read(self.settings.publish_max_bytes + 1)
+        if len(raw) > self.settings.publish_max_bytes:
+            return _http_error(
+                413, "too_large", f"body over {self.settings.publish_max_bytes} bytes"
+            )
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _http_error(400, "bad_json", "body is not valid JSON")
+        if not isinstance(body, dict) or set(body) != {"channel", "data"}:
+            return _http_error(400, "bad_request", 'body must be {"channel": ..., "data": ...}')
+        channel = body["channel"]
+        try:
+            if not isinstance(channel, str):
+                raise BadChannel("channel must be a string")
+            protocol.validate_channel(channel, self.settings.max_channel_name_length)
+            if self.hub.topic_key(channel)[0] == "pattern":
+                raise BadChannel("cannot publish to a pattern", channel=channel)
+        except GatewayError as exc:
+            return _http_error(400, exc.code, str(exc))
+        payload = orjson.dumps(body["data"])
+        spec = self.durable.spec(channel)
+        try:
+            if spec is not None:
+                offset = await self.durable.publish(spec, payload)
+                return web.json_response({"channel": channel, "offset": offset.decode()})
+            receivers = await self.durable.redis.publish(channel, payload)
+        except (OSError, RedisError) as exc:
+            log.warning("publish_failed", channel=channel, error=str(exc) or type(exc).__name__)
+            return _http_error(503, "upstream_unavailable", "Redis is unreachable; retry")
+        return web.json_response({"channel": channel, "receivers": receivers})
+
     def build_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=self.settings.publish_max_bytes + 1024)
+        app.router.add_post("/publish", self.publish)
         app.router.add_get("/ws", self.handle_ws)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -432,6 +535,10 @@ def _credential(request: web.Request) -> tuple[str | None, bool]:
     if header.lower().startswith("bearer ") and header[7:].strip():
         token = header[7:].strip()
     return token, SUBPROTOCOL in offered
+
+
+def _http_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
 
 
 def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:

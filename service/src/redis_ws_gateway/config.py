@@ -48,6 +48,35 @@ class ChannelPolicy:
     policy: Policy
 
 
+@dataclass(frozen=True)
+class DurableRule:
+    """Channels matching ``pattern`` are backed by a Redis Stream."""
+
+    pattern: str
+    maxlen: int = 100_000
+    max_age_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExposedStream:
+    """An existing stream, written by a module that knows nothing of us,
+    served as the durable channel ``channel``."""
+
+    channel: str
+    key: str
+    field: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRule:
+    """Channels matching ``pattern`` (``literal*``) may ask for the current
+    state kept at ``key`` ({channel} and {suffix} are filled in)."""
+
+    pattern: str
+    key: str
+    type: Literal["string", "hash"] = "string"
+
+
 DEFAULT_ROLES: Mapping[str, RoleConfig] = {
     "admin": RoleConfig(allow=("*",)),
     "user": RoleConfig(allow=("*",)),
@@ -115,6 +144,13 @@ class Settings:
     max_pattern_metachars: int = 8
     trusted_proxy_hops: int = 0
     max_connection_age_seconds: float = 0.0
+    durable: tuple[DurableRule, ...] = ()
+    streams: tuple[ExposedStream, ...] = ()
+    snapshots: tuple[SnapshotRule, ...] = ()
+    stream_prefix: str = "stream:"
+    replay_batch: int = 500
+    replay_concurrency: int = 8
+    publish_max_bytes: int = 1_048_576
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     channel_policies: tuple[ChannelPolicy, ...] = DEFAULT_CHANNEL_POLICIES
 
@@ -268,6 +304,10 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MAX_PATTERN_METACHARS": ("max_pattern_metachars", _int_range(1, 64)),
     "TRUSTED_PROXY_HOPS": ("trusted_proxy_hops", _int_range(0, 10)),
     "MAX_CONNECTION_AGE_SECONDS": ("max_connection_age_seconds", _float_range(0, 30 * 86400)),
+    "DURABLE_STREAM_PREFIX": ("stream_prefix", _nonempty),
+    "DURABLE_REPLAY_BATCH": ("replay_batch", _int_range(1, 100_000)),
+    "DURABLE_REPLAY_CONCURRENCY": ("replay_concurrency", _int_range(1, 10_000)),
+    "PUBLISH_MAX_BYTES": ("publish_max_bytes", _int_range(1, 64 * 1024 * 1024)),
 }
 
 # Settings whose empty value means "unset" (e.g. an empty Secret key).
@@ -326,7 +366,77 @@ def _policies_from_file(path: str, raw: object) -> tuple[ChannelPolicy, ...]:
     return tuple(out)
 
 
-FILE_SECTIONS = ("roles", "channel_policies")
+def _mapping_items(path: str, section: str, raw: object) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: {section}", raw, "expected a list")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"{path}: {section}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(where, item, "expected a mapping")
+        out.append((where, item))
+    return out
+
+
+def _check_keys(where: str, item: dict[str, Any], required: set[str], optional: set[str]) -> None:
+    missing = required - set(item)
+    if missing:
+        raise ConfigError(where, item, f"missing {sorted(missing)}")
+    unknown = set(item) - required - optional
+    if unknown:
+        raise ConfigError(where, item, f"unknown keys {sorted(unknown)}")
+    for key in required | (optional & set(item)):
+        value = item[key]
+        if key in ("maxlen",) and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"{where}.{key}", value, "expected a whole number >= 1")
+        if key == "max_age_seconds" and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+        ):
+            raise ConfigError(f"{where}.{key}", value, "expected seconds >= 0")
+        if key in ("pattern", "channel", "key", "field") and (
+            not isinstance(value, str) or not value
+        ):
+            raise ConfigError(f"{where}.{key}", value, "expected a non-empty string")
+
+
+def _durable_from_file(path: str, raw: object) -> tuple[DurableRule, ...]:
+    rules = []
+    for where, item in _mapping_items(path, "durable", raw):
+        _check_keys(where, item, {"pattern"}, {"maxlen", "max_age_seconds"})
+        rules.append(
+            DurableRule(
+                item["pattern"],
+                int(item.get("maxlen", 100_000)),
+                float(item.get("max_age_seconds", 0)),
+            )
+        )
+    return tuple(rules)
+
+
+def _streams_from_file(path: str, raw: object) -> tuple[ExposedStream, ...]:
+    out = []
+    for where, item in _mapping_items(path, "streams", raw):
+        _check_keys(where, item, {"channel", "key"}, {"field"})
+        if any(c in item["channel"] for c in "*?["):
+            raise ConfigError(f"{where}.channel", item["channel"], "must be an exact channel name")
+        out.append(ExposedStream(item["channel"], item["key"], item.get("field")))
+    return tuple(out)
+
+
+def _snapshots_from_file(path: str, raw: object) -> tuple[SnapshotRule, ...]:
+    out = []
+    for where, item in _mapping_items(path, "snapshots", raw):
+        _check_keys(where, item, {"pattern", "key"}, {"type"})
+        kind = item.get("type", "string")
+        if kind not in ("string", "hash"):
+            raise ConfigError(f"{where}.type", kind, "expected string or hash")
+        out.append(SnapshotRule(item["pattern"], item["key"], kind))
+    return tuple(out)
+
+
+FILE_SECTIONS = ("roles", "channel_policies", "durable", "streams", "snapshots")
 
 
 def _load_file(path: str) -> dict[str, Any]:
@@ -369,6 +479,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             values["roles"] = _roles_from_file(path, data["roles"])
         if "channel_policies" in data:
             values["channel_policies"] = _policies_from_file(path, data["channel_policies"])
+        if "durable" in data:
+            values["durable"] = _durable_from_file(path, data["durable"])
+        if "streams" in data:
+            values["streams"] = _streams_from_file(path, data["streams"])
+        if "snapshots" in data:
+            values["snapshots"] = _snapshots_from_file(path, data["snapshots"])
 
     if not values.get("jwt_algorithms"):
         values["jwt_algorithms"] = _default_algorithms(values)

@@ -31,6 +31,8 @@ _POLICY_CACHE_MAX = 10_000
 
 class Topic:
     __slots__ = (
+        "cursor",
+        "durable",
         "epoch",
         "kind",
         "lingering",
@@ -55,6 +57,9 @@ class Topic:
         self.waiters = 0
         self.lingering: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[bool] | None = None
+        # Durable topics: fed by the stream reader, not by Redis pub/sub.
+        self.durable = False
+        self.cursor = b""
         # The data-frame prefix of an exact channel never changes: encode once.
         self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
 
@@ -79,6 +84,8 @@ class Hub:
         self.upstream: Upstream | None = None
         self.channels: dict[bytes, Topic] = {}
         self.patterns: dict[bytes, Topic] = {}
+        self.streams: dict[bytes, Topic] = {}
+        self.on_stream_released: Callable[[Topic], None] | None = None
         self._linger = linger_seconds
         self._policies = tuple(policies)
         self._default_policy = default_policy
@@ -178,6 +185,42 @@ class Hub:
         if self.upstream is None or not self.upstream.subscribe(topic.kind, topic.name.encode()):
             topic.ready.set_result(False)
 
+    def durable_topic(self, channel: str) -> Topic:
+        raw = channel.encode()
+        topic = self.streams.get(raw)
+        if topic is None:
+            topic = Topic("channel", channel)
+            topic.durable = True
+            topic.live = True
+            topic.epoch = self._next_epoch()
+            self.streams[raw] = topic
+        elif topic.lingering is not None:
+            topic.lingering.cancel()
+            topic.lingering = None
+        return topic
+
+    def attach(self, session: Session, topic: Topic) -> None:
+        self._attach(session, topic)
+
+    def release_waiter(self, topic: Topic) -> None:
+        self._maybe_linger(topic)
+
+    def on_stream_entry(self, topic: Topic, entry_id: bytes, payload: bytes) -> None:
+        """One live stream entry, routed like a pub/sub message plus its offset."""
+        topic.cursor = entry_id
+        self.messages_in += 1
+        if not topic.sessions:
+            return
+        topic.seq += 1
+        body, is_b64 = protocol.payload_json(payload)
+        frame = protocol.text_frame(
+            protocol.data_message(topic.prefix, topic.seq, body, is_b64, offset=entry_id)
+        )
+        policy: Policy = "disconnect"  # durable entries are never dropped silently
+        key = (topic, b"")
+        for session in topic.sessions:
+            session.deliver(frame, key, policy)
+
     def _attach(self, session: Session, topic: Topic) -> None:
         topic.sessions[session] = None
         session.subscriptions[(topic.kind, topic.name)] = topic
@@ -215,6 +258,13 @@ class Hub:
     def _release(self, topic: Topic) -> None:
         topic.lingering = None
         if topic.sessions or topic.waiters:
+            return
+        if topic.durable:
+            raw = topic.name.encode()
+            if self.streams.get(raw) is topic:
+                del self.streams[raw]
+                if self.on_stream_released is not None:
+                    self.on_stream_released(topic)
             return
         table = self._table(topic.kind)
         raw = topic.name.encode()

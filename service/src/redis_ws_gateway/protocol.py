@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -24,12 +25,25 @@ MAX_CHANNEL_LENGTH_DEFAULT: Final = 256
 RequestId = str | int | None
 
 
+MAX_SNAPSHOT_ENTRIES: Final = 1000
+_OFFSET_RE: Final = re.compile(r"^(0|[0-9]{1,20}-[0-9]{1,20})$")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOptions:
+    """Per-channel subscribe options: resume after an offset, or a snapshot."""
+
+    since: str | None = None
+    snapshot: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     action: str
     request_id: RequestId
     channels: tuple[str, ...] | None = None
     token: str | None = None
+    options: Mapping[str, ChannelOptions] = field(default_factory=dict)
 
 
 def _request_id(obj: dict[str, Any]) -> RequestId:
@@ -96,14 +110,43 @@ def _decode_fields(obj: dict[str, Any], rid: RequestId, max_channel_length: int)
     if not isinstance(raw, list) or not raw:
         raise BadField("channels must be a non-empty list of strings")
     channels: list[str] = []
+    options: dict[str, ChannelOptions] = {}
     for item in raw:
+        if isinstance(item, dict) and action == "subscribe":
+            name, opts = _channel_object(item)
+            validate_channel(name, max_channel_length)
+            options[name] = opts
+            channels.append(name)
+            continue
         if not isinstance(item, str):
             raise BadField("channels must be a non-empty list of strings")
         validate_channel(item, max_channel_length)
         channels.append(item)
     # Order kept, duplicates folded: subscribing to the same name twice in one
     # request is the same as once.
-    return Request(action, rid, channels=tuple(dict.fromkeys(channels)))
+    return Request(action, rid, channels=tuple(dict.fromkeys(channels)), options=options)
+
+
+def _channel_object(item: dict[str, Any]) -> tuple[str, ChannelOptions]:
+    unknown = set(item) - {"channel", "since", "snapshot"}
+    if unknown:
+        raise BadField(f"unknown channel option {sorted(unknown)[0]!r}")
+    name = item.get("channel")
+    if not isinstance(name, str):
+        raise BadField("channel object needs a channel string")
+    since = item.get("since")
+    snapshot = item.get("snapshot")
+    if since is not None and (not isinstance(since, str) or not _OFFSET_RE.match(since)):
+        raise BadField("since must be an offset like 1732610000000-0", channel=name)
+    if snapshot is not None and (
+        isinstance(snapshot, bool)
+        or not isinstance(snapshot, int)
+        or not 1 <= snapshot <= MAX_SNAPSHOT_ENTRIES
+    ):
+        raise BadField(f"snapshot must be a number from 1 to {MAX_SNAPSHOT_ENTRIES}", channel=name)
+    if since is not None and snapshot is not None:
+        raise BadField("use either since or snapshot, not both", channel=name)
+    return name, ChannelOptions(since=since, snapshot=snapshot)
 
 
 # --- server -> client -------------------------------------------------------
@@ -216,10 +259,27 @@ def data_prefix(channel: bytes, pattern: bytes | None) -> bytes:
     )
 
 
-def data_message(prefix: bytes, seq: int, payload: bytes, is_base64: bool) -> bytes:
+def data_message(
+    prefix: bytes, seq: int, payload: bytes, is_base64: bool, offset: bytes | None = None
+) -> bytes:
+    head = prefix + str(seq).encode()
+    if offset is not None:
+        head += b',"offset":"' + offset + b'"'
     if is_base64:
-        return prefix + str(seq).encode() + b',"encoding":"base64","data":' + payload + b"}"
-    return prefix + str(seq).encode() + b',"data":' + payload + b"}"
+        return head + b',"encoding":"base64","data":' + payload + b"}"
+    return head + b',"data":' + payload + b"}"
+
+
+def replay_message(channel: bytes, offset: bytes, payload: bytes, is_base64: bool) -> bytes:
+    """A history entry sent before the subscription goes live: no seq, since
+    seq counts live messages shared by all subscribers."""
+    head = b'{"type":"data","channel":' + channel_json(channel) + b',"replay":true,"offset":"'
+    enc = b'","encoding":"base64","data":' if is_base64 else b'","data":'
+    return head + offset + enc + payload + b"}"
+
+
+def snapshot_message(channel: str, data: bytes) -> bytes:
+    return b'{"type":"snapshot","channel":' + orjson.dumps(channel) + b',"data":' + data + b"}"
 
 
 _LEN1: Final = struct.Struct("!BB").pack

@@ -10,6 +10,7 @@ the hub's drain loop writes the backlog out once the transport has room.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import OrderedDict
@@ -20,8 +21,6 @@ from .config import Policy
 from .protocol import text_frame
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .auth import Principal
     from .hub import Topic
 
@@ -44,6 +43,7 @@ class Session:
         "conflated",
         "dropped",
         "frames_sent",
+        "held",
         "id",
         "lag_since",
         "lagging",
@@ -52,6 +52,7 @@ class Session:
         "subscriptions",
         "transport",
         "wildcards",
+        "writable",
     )
 
     def __init__(
@@ -82,6 +83,8 @@ class Session:
         self.dropped = 0
         self.conflated = 0
         self.frames_sent = 0
+        self.held = False
+        self.writable: asyncio.Event | None = None
         self._limit = buffer_limit
         self._high_water = high_water
         self._on_dirty = on_dirty
@@ -128,6 +131,44 @@ class Session:
         self.flush()
         self._write(frame)
 
+    def send_replay(self, frame: bytes) -> None:
+        """A history frame: never dropped (the client asked for exactly these)."""
+        if self.lagging:
+            self._append(next(_unique), frame, droppable=False)
+            if self.backlog_bytes > self._limit:
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound buffer full")
+            return
+        self.frames_sent += 1
+        self._write(frame)
+
+    async def wait_writable(self) -> None:
+        """Until this client has caught up (or is gone)."""
+        while self.lagging and not self.closing and not self.transport.is_closing():
+            if self.writable is None:
+                self.writable = asyncio.Event()
+            await self.writable.wait()
+
+    # --- holding: live frames wait while a snapshot is read -------------------
+
+    def hold(self) -> None:
+        """Queue everything from now on (under each channel's policy) until
+        release(): a snapshot read from Redis must reach the client before the
+        live messages that arrived while it was read."""
+        self.flush()
+        self.held = True
+        self.lagging = True
+
+    def release(self, first: list[bytes]) -> None:
+        for body in reversed(first):
+            key = next(_unique)
+            frame = text_frame(body)
+            self.backlog[key] = (frame, False)
+            self.backlog.move_to_end(key, last=False)
+            self.backlog_bytes += len(frame)
+        self.held = False
+        if not self.drain(time.monotonic(), 0):
+            self._on_lagging(self)
+
     # --- slow consumer --------------------------------------------------------
 
     def _append(self, key: Any, frame: bytes, droppable: bool) -> None:
@@ -172,7 +213,10 @@ class Session:
         """Called by the hub's drain loop. Returns True once caught up."""
         transport = self.transport
         if self.closing or transport.is_closing():
+            self._set_writable()
             return True
+        if self.held:
+            return False
         if transport.get_write_buffer_size() > self._high_water // 2:
             if grace and now - self.lag_since > grace and self._holds_undroppable():
                 self.close(CLOSE_SLOW_CONSUMER, "slow consumer: lagging too long")
@@ -191,7 +235,13 @@ class Session:
         if self.backlog or transport.get_write_buffer_size() > self._high_water:
             return False
         self.lagging = False
+        self._set_writable()
         return True
+
+    def _set_writable(self) -> None:
+        if self.writable is not None:
+            self.writable.set()
+            self.writable = None
 
     def _holds_undroppable(self) -> bool:
         return any(not droppable for _, droppable in self.backlog.values())
@@ -206,6 +256,7 @@ class Session:
         if self.closing:
             return
         self.closing = True
+        self._set_writable()
         self.batch.clear()
         self.backlog.clear()
         self.backlog_bytes = 0

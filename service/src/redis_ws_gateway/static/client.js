@@ -16,7 +16,8 @@
  *     onResubscribed({ subscriptions, frame }) {},
  *     onError(error, context) {},      // error.code is the server's code when it has one
  *   });
- *   client.connect();                  // Promise: resolves on the first open
+ *   client.connect();                  // Promise: resolves once open; rejects (code "closed")
+ *                                      // only if close() comes first
  *
  *   const off = client.subscribe("market:tick:*", (data, msg) => {
  *     // data: the payload (JSON as parsed; text as a string; base64 text when
@@ -28,9 +29,13 @@
  *   off();                             // drops this handler; the last one unsubscribes
  *
  *   await client.ping();               // { time, rttMs }
+ *   await client.request(action, fields);  // any request; resolves with its reply frame
  *   client.subscriptions();            // [{ key, kind, status, live, epoch, lastSeq, offset, handlers }]
  *   client.stats;                      // { messages, gaps, reconnects }
  *   client.close();                    // stops reconnecting; connect() starts again
+ *
+ * Also exported: GatewayError (the errors above), isPattern(name) and
+ * backoffDelay(attempt, minDelayMs, maxDelayMs).
  *
  * Behaviour
  *
@@ -38,13 +43,24 @@
  *   pattern (a name containing `*`, `?` or `[`). Several handlers may share a
  *   key; the server sees one subscription. subscribe() may be called at any
  *   time: while disconnected the subscription is sent once the socket opens.
+ *   Subscribe, unsubscribe and subscribe again in one breath (React's
+ *   StrictMode) is safe: only the reply to the latest request counts.
+ * - Handlers of one key share the `msg` object: treat it as read-only.
  * - `ready` resolves with `{ key, kind, status, live, epoch, lastSeq }` on the
  *   first confirmation and rejects (error.code = the server's code) only when
  *   the server refuses the name; the subscription is then forgotten. A reply
  *   that times out is reported to onError and the subscription stays pending
  *   (a late reply, or the next reconnect, still activates it).
+ * - A subscribe answered with rate_limited is sent again after a short delay.
+ *   An `unsubscribed` frame the client did not ask for (the server dropped
+ *   subscriptions, e.g. after a token refresh that allows less) removes them
+ *   and calls onError with code = its `reason`.
+ * - Data frames replayed from a durable channel's history (`replay: true`)
+ *   carry no seq and are passed to handlers like any other; their `offset`
+ *   counts for resume.
  * - Requests reject with an Error whose `.code` is the server's error code, or
- *   one of the client's own: "timeout", "disconnected", "not_connected".
+ *   one of the client's own: "timeout", "disconnected", "not_connected",
+ *   "closed".
  * - Any close the application did not ask for is followed by reconnecting
  *   with exponential backoff and full jitter (a random delay between 0 and
  *   min(maxDelayMs, minDelayMs * 2^attempt)). Close 1012 (the pod is
@@ -379,6 +395,15 @@ export class GatewayClient {
         return;
       }
       const current = entries.filter((entry) => this._subs.get(entry.key) === entry);
+      if (error.code === "rate_limited") {
+        // The server ignored the frame; nothing was refused. Ask again later.
+        const delayMs = this._minDelay + backoffDelay(2, this._minDelay, this._maxDelay);
+        setTimeout(() => {
+          const still = current.filter((e) => this._subs.get(e.key) === e && !e.confirmed);
+          if (ws === this._ws && this._isOpen() && still.length) this._subscribeEntries(still);
+        }, delayMs);
+        return;
+      }
       if (current.length > 1) {
         // The request is all or nothing: find out which names are refused.
         for (const entry of current) this._subscribeEntries([entry]);
@@ -446,6 +471,11 @@ export class GatewayClient {
         this._call(this._on.resubscribed, { subscriptions, frame });
         break;
       }
+      case "unsubscribed":
+        // Without a requestId the server dropped these by itself (a refreshed
+        // token that allows less): they are gone, and the app should know.
+        if (frame.requestId === undefined) this._onDropped(frame);
+        break;
       case "upstream_lost": {
         const keys = [];
         for (const state of frame.subscriptions ?? []) {
@@ -484,6 +514,20 @@ export class GatewayClient {
    * breath, as React's StrictMode does) describes a subscription the server
    * has since dropped, so only the latest request's reply counts.
    */
+  _onDropped(frame) {
+    for (const key of frame.channels ?? []) {
+      const entry = this._subs.get(key);
+      if (entry === undefined) continue;
+      this._subs.delete(key);
+      entry.failed = true;
+      const reason = frame.reason ?? "unsubscribed";
+      this._report(new GatewayError(reason, `the server dropped ${key} (${reason})`, frame), {
+        key,
+        action: "unsubscribed",
+      });
+    }
+  }
+
   _applyStates(states, requestId) {
     const applied = [];
     for (const state of states ?? []) {

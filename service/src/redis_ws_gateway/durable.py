@@ -1,0 +1,346 @@
+"""Durable channels on Redis Streams: live tailing, replay and resume.
+
+A durable channel ``C`` is the stream ``<prefix>C`` (``stream:C`` by
+default), one entry per message with the payload in the field ``data``
+(``XADD stream:C MAXLEN ~ N * data <payload>``). Its offsets are the stream
+entry IDs, which are the same on every pod.
+
+One reader task per pod tails every durable topic that has subscribers with a
+single blocking XREAD, and routes entries like pub/sub messages (one frame
+per entry, shared by all subscribers). A subscriber that resumes from an
+offset is first served from history by XRANGE in bounded batches, then
+attached to the live topic at the exact moment its replay has reached the
+reader's cursor, with no await between that check and the attach: every entry
+up to the cursor came from history, every entry after it comes live, so there
+is no gap and no duplicate at the switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import protocol
+from .config import DurableRule, ExposedStream, Settings
+from .errors import GatewayError
+from .globmatch import glob_match
+from .hub import Hub, Topic
+from .session import Session
+
+log = structlog.get_logger("redis_ws_gateway.durable")
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+_BLOCK_MS = 250
+
+
+class UpstreamUnavailable(GatewayError):
+    code = "upstream_unavailable"
+
+
+def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    channel: str
+    key: str
+    field: str | None  # None: the whole entry as a JSON object
+    maxlen: int
+    max_age_seconds: float
+
+
+class Durable:
+    def __init__(self, settings: Settings, hub: Hub) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._rules: tuple[DurableRule, ...] = settings.durable
+        self._exposed: dict[str, ExposedStream] = {s.channel: s for s in settings.streams}
+        self.redis = aioredis.from_url(
+            settings.redis_url,
+            username=settings.redis_username,
+            password=settings.redis_password,
+            socket_connect_timeout=settings.redis_connect_timeout_seconds,
+        )
+        # XREAD BLOCK holds its connection: it gets one of its own.
+        self._reader = aioredis.from_url(
+            settings.redis_url,
+            username=settings.redis_username,
+            password=settings.redis_password,
+            socket_connect_timeout=settings.redis_connect_timeout_seconds,
+            single_connection_client=True,
+        )
+        self._topics: dict[bytes, tuple[Topic, StreamSpec]] = {}
+        self._creating: dict[str, asyncio.Future[Topic]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._replays = asyncio.Semaphore(settings.replay_concurrency)
+        self.reader_up = False
+        hub.on_stream_released = self._released
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._rules or self._exposed)
+
+    def spec(self, channel: str) -> StreamSpec | None:
+        exposed = self._exposed.get(channel)
+        if exposed is not None:
+            return StreamSpec(channel, exposed.key, exposed.field, 0, 0.0)
+        for rule in self._rules:
+            if glob_match(rule.pattern, channel):
+                return StreamSpec(
+                    channel,
+                    self._settings.stream_prefix + channel,
+                    "data",
+                    rule.maxlen,
+                    rule.max_age_seconds,
+                )
+        return None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.create_task(self._read_loop(), name="durable-reader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._reader.aclose()
+        await self.redis.aclose()
+
+    # --- publishing --------------------------------------------------------------
+
+    async def publish(self, spec: StreamSpec, payload: bytes) -> bytes:
+        """One XADD with the configured retention; returns the offset."""
+        kwargs: dict[str, Any] = {}
+        if spec.max_age_seconds:
+            # MINID trims by age; the ID is the entry's creation time in ms.
+            kwargs["minid"] = str(int((time.time() - spec.max_age_seconds) * 1000))
+        elif spec.maxlen:
+            kwargs["maxlen"] = spec.maxlen
+        entry_id: Any = await self.redis.xadd(
+            spec.key, {spec.field or "data": payload}, approximate=True, **kwargs
+        )
+        return bytes(entry_id)
+
+    # --- subscribing ---------------------------------------------------------------
+
+    async def _topic(self, spec: StreamSpec) -> Topic:
+        raw = spec.channel.encode()
+        existing = self._hub.streams.get(raw)
+        if existing is not None and raw in self._topics:
+            return self._hub.durable_topic(spec.channel)
+        pending = self._creating.get(spec.channel)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Topic] = asyncio.get_running_loop().create_future()
+        self._creating[spec.channel] = fut
+        try:
+            # The live cursor starts at the newest entry: everything after it
+            # will come from the reader, everything up to it from history.
+            latest: Any = await self.redis.xrevrange(spec.key, count=1)
+            topic = self._hub.durable_topic(spec.channel)
+            topic.cursor = latest[0][0] if latest else b"0-0"
+            self._topics[raw] = (topic, spec)
+            fut.set_result(topic)
+            return topic
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: concurrent waiters re-raise it themselves
+            raise
+        finally:
+            del self._creating[spec.channel]
+
+    def _released(self, topic: Topic) -> None:
+        self._topics.pop(topic.name.encode(), None)
+
+    async def subscribe(
+        self, session: Session, spec: StreamSpec, options: protocol.ChannelOptions | None
+    ) -> dict[str, Any]:
+        """Replay what the client asked for, then attach it live. Returns the
+        subscription state for the ``subscribed`` reply."""
+        try:
+            topic = await self._topic(spec)
+        except _REDIS_DOWN:
+            raise UpstreamUnavailable("Redis is unreachable; retry", channel=spec.channel) from None
+        if (topic.kind, topic.name) in session.subscriptions:
+            return self._describe(topic, 0, True)
+        topic.waiters += 1
+        try:
+            since = options.since if options else None
+            snapshot = options.snapshot if options else None
+            complete = True
+            start: bytes | None = None
+            if since is not None:
+                complete = await self._retry(lambda: self._history_complete(spec, since))
+                start = since.encode() if since != "0" else b"0-0"
+            elif snapshot:
+                start = await self._retry(
+                    lambda: self._snapshot_start(spec, topic.cursor, snapshot)
+                )
+            replayed = 0
+            if start is not None:
+                async with self._replays:
+                    replayed = await self._catch_up(session, topic, spec, start)
+            else:
+                self._hub.attach(session, topic)
+            return self._describe(topic, replayed, complete)
+        finally:
+            topic.waiters -= 1
+            if session.closing and (topic.kind, topic.name) not in session.subscriptions:
+                self._hub.release_waiter(topic)
+
+    async def _retry(self, call: Any) -> Any:
+        """Rides out a short Redis outage (a restart during a replay)."""
+        deadline = time.monotonic() + self._settings.subscribe_timeout_seconds * 4
+        delay = self._settings.redis_reconnect_min_seconds
+        while True:
+            try:
+                return await call()
+            except _REDIS_DOWN:
+                if time.monotonic() > deadline:
+                    raise UpstreamUnavailable("Redis is unreachable; retry") from None
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self._settings.redis_reconnect_max_seconds)
+
+    async def _history_complete(self, spec: StreamSpec, since: str) -> bool:
+        """False when entries after ``since`` may have been trimmed or deleted.
+
+        Trimming only removes the oldest entries, so an offset at or after the
+        first entry lost nothing to trims; XDEL is covered by
+        ``max-deleted-entry-id``. Before the first entry we can only tell that
+        nothing was lost when nothing was ever removed (conservative).
+        """
+        wanted = parse_id("0-0" if since == "0" else since)
+        try:
+            info: Any = await self.redis.xinfo_stream(spec.key)
+        except ResponseError:
+            # No such stream: fine for "from the beginning", otherwise the
+            # client holds an offset of a stream that is gone.
+            return wanted == (0, 0)
+        last = parse_id(info.get("last-generated-id") or b"0-0")
+        if wanted > last:
+            return False  # an offset this stream never issued
+        if parse_id(info.get("max-deleted-entry-id") or b"0-0") > wanted:
+            return False
+        first = info.get("first-entry")
+        if first is None:
+            return wanted == last  # empty now: complete only if it saw the last one
+        if wanted >= parse_id(first[0]):
+            return True
+        return int(info.get("entries-added", 0)) == int(info.get("length", 0))
+
+    async def _snapshot_start(self, spec: StreamSpec, cursor: bytes, count: int) -> bytes:
+        newest: Any = await self.redis.xrevrange(spec.key, max=cursor or "+", count=count)
+        if not newest:
+            return cursor or b"0-0"
+        oldest = parse_id(newest[-1][0])
+        # Exclusive start just before the oldest entry of the snapshot.
+        if oldest[1] > 0:
+            return f"{oldest[0]}-{oldest[1] - 1}".encode()
+        return f"{oldest[0] - 1}-{2**64 - 1}".encode() if oldest[0] > 0 else b"0-0"
+
+    async def _catch_up(
+        self, session: Session, topic: Topic, spec: StreamSpec, start: bytes
+    ) -> int:
+        last = start
+        replayed = 0
+        batch = self._settings.replay_batch
+        channel = spec.channel.encode()
+        while True:
+            if session.closing:
+                return replayed
+            target = topic.cursor
+            if parse_id(last) >= parse_id(target):
+                # No await between this check and the attach: the reader
+                # cannot move the cursor in between.
+                self._hub.attach(session, topic)
+                return replayed
+            entries: Any = await self._retry(
+                lambda lo=b"(" + last, hi=target: self.redis.xrange(
+                    spec.key, min=lo, max=hi, count=batch
+                )
+            )
+            if not entries:
+                last = target
+                continue
+            for entry_id, fields in entries:
+                body, is_b64 = protocol.payload_json(_payload(fields, spec.field))
+                session.send_replay(
+                    protocol.text_frame(protocol.replay_message(channel, entry_id, body, is_b64))
+                )
+            replayed += len(entries)
+            last = entries[-1][0]
+            # Let the socket drain before reading more history, so a large
+            # replay neither fills the buffer nor starves live traffic.
+            await session.wait_writable()
+
+    def _describe(self, topic: Topic, replayed: int, complete: bool) -> dict[str, Any]:
+        out = topic.describe()
+        out["durable"] = True
+        out["offset"] = topic.cursor.decode()
+        out["replayed"] = replayed
+        out["complete"] = complete
+        return out
+
+    # --- the live reader -------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        delay = self._settings.redis_reconnect_min_seconds
+        while True:
+            streams: Any = {spec.key: topic.cursor for topic, spec in self._topics.values()}
+            if not streams:
+                await asyncio.sleep(_BLOCK_MS / 1000)
+                continue
+            try:
+                reply: Any = await self._reader.xread(streams, count=1000, block=_BLOCK_MS)
+            except _REDIS_DOWN as exc:
+                if self.reader_up:
+                    log.warning("durable_reader_down", error=str(exc) or type(exc).__name__)
+                self.reader_up = False
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self._settings.redis_reconnect_max_seconds)
+                continue
+            if not self.reader_up:
+                log.info("durable_reader_up", streams=len(streams))
+            self.reader_up = True
+            delay = self._settings.redis_reconnect_min_seconds
+            if not reply:
+                continue
+            by_key = {spec.key.encode(): (topic, spec) for topic, spec in self._topics.values()}
+            for key, entries in reply:
+                pair = by_key.get(key)
+                if pair is None:
+                    continue
+                topic, spec = pair
+                for entry_id, fields in entries:
+                    # Entries at or before the cursor were already routed (a
+                    # topic re-created while this read was in flight).
+                    if parse_id(entry_id) <= parse_id(topic.cursor):
+                        continue
+                    self._hub.on_stream_entry(topic, entry_id, _payload(fields, spec.field))
+            self._hub.on_batch_end()
+
+
+def _payload(fields: dict[bytes, bytes], field: str | None) -> bytes:
+    if field is not None:
+        value = fields.get(field.encode())
+        if value is not None:
+            return value
+    # An exposed stream without a payload field: the entry as a JSON object.
+    return orjson.dumps(
+        {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()}
+    )
