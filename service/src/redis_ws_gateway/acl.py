@@ -52,7 +52,8 @@ Why this is sound: under (a) P matches exactly the channels A matches; (b)
 is the definition of ``*``; under (c) every channel P matches starts with
 ``L``, hence with ``L'``, and is not empty, which is all ``L' + "*"`` asks.
 Together with 3, every channel P can deliver passes
-:meth:`Acl.may_read_channel`. The router still checks each message with :meth:`Acl.may_read_channel` as a second wall.
+:meth:`Acl.may_read_channel`. The router still checks each message
+with :meth:`Acl.may_read_channel` as a second wall.
 """
 
 from __future__ import annotations
