@@ -47,11 +47,16 @@ WAIT_MS = 15_000
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+def chromium() -> Path:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         yield browser
         await browser.close()
 
@@ -139,6 +144,31 @@ async def test_console_shows_a_published_message_in_table_and_log(
     assert await _eventually(lambda: ("pattern", "market:tick:*") not in session.subscriptions)
 
 
+@pytest.mark.browser
+async def test_console_keeps_up_with_a_burst_and_bounds_the_log(
+    gateway: RunningGateway, redis_client: aioredis.Redis, page: Page
+) -> None:
+    await page.goto(gateway.http + "/")
+    await page.fill("#sub-input", "burst:*")
+    await page.click("#sub-btn")
+    await expect(page.locator('#subs li[data-key="burst:*"]')).to_have_attribute(
+        "data-status", "live"
+    )
+    count = 3000
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            pipe.publish(f"burst:{i % 20}", json.dumps({"i": i}))
+        await pipe.execute()
+    await expect(page.locator("#stat-total")).to_have_text(f"{count:,}")
+    await expect(page.locator("#live tbody tr")).to_have_count(20)
+    assert await page.locator("#log .log-row.msg").count() == 500
+    await expect(page.locator("#log .log-row.msg").first).to_contain_text(f'{{"i":{count - 1}}}')
+    await expect(page.locator("#stat-gaps")).to_have_text("0")
+    # The page is still responsive: a click is handled right away.
+    await page.click("#pause-btn")
+    await expect(page.locator("#pause-btn")).to_have_text("Resume")
+
+
 async def _eventually(check: Callable[[], bool], timeout: float = WAIT_MS / 1000) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -217,6 +247,33 @@ async def test_client_reconnects_and_resubscribes_after_gateway_restart(
 
 
 @pytest.mark.browser
+async def test_subscribe_unsubscribe_subscribe_in_one_breath_ends_subscribed(
+    gateway: RunningGateway, redis_client: aioredis.Redis, page: Page
+) -> None:
+    """What React's StrictMode does to an effect: mount, clean up, mount."""
+    await _load_client(page, gateway.http)
+    state = await page.evaluate(
+        """async (url) => {
+            window.seen = [];
+            window.client = new window.gw.GatewayClient(url);
+            await window.client.connect();
+            const first = window.client.subscribe("orders:X", () => {});
+            first();
+            const second = window.client.subscribe("orders:X", (data) => window.seen.push(data));
+            return await second.ready;
+        }""",
+        gateway.url,
+    )
+    assert state["status"] == "live"
+    session = next(iter(gateway.gateway.sessions))
+    assert ("channel", "orders:X") in session.subscriptions
+    assert await redis_client.publish("orders:X", "hello") == 1
+    await page.wait_for_function("() => window.seen.length === 1")
+    assert await page.evaluate("() => window.seen") == ["hello"]
+    await page.evaluate("() => window.client.close()")
+
+
+@pytest.mark.browser
 async def test_gap_detection_per_subscription_key_and_epoch(
     gateway: RunningGateway, page: Page
 ) -> None:
@@ -229,8 +286,9 @@ async def test_gap_detection_per_subscription_key_and_epoch(
             const c = new window.gw.GatewayClient("ws://127.0.0.1:9/unused", {
                 onGap: (g) => gaps.push(g),
             });
-            c.subscribe("a", (data, msg) => got.push([msg.key, msg.seq, msg.gap ? msg.gap.got : null]));
-            c.subscribe("p:*", (data, msg) => got.push([msg.key, msg.seq, msg.gap ? msg.gap.got : null]));
+            const record = (data, m) => got.push([m.key, m.seq, m.gap ? m.gap.got : null]);
+            c.subscribe("a", record);
+            c.subscribe("p:*", record);
             const feed = (frame) => c._onFrame(frame);
             feed({ type: "subscribed", channels: ["a", "p:*"], subscriptions: [
                 { channel: "a", epoch: "e1", seq: 10, live: true },
@@ -265,7 +323,11 @@ async def test_gap_detection_per_subscription_key_and_epoch(
         {"key": "p:*", "channel": "p:x", "expected": 3, "got": 4, "missed": 1, "epoch": "e2"},
         {"key": "a", "channel": "a", "expected": 4, "got": 5, "missed": 1, "epoch": "e4"},
     ]
-    assert [g for g in result["got"] if g[2] is not None] == [["a", 15, 15], ["p:*", 4, 4], ["a", 5, 5]]
+    assert [g for g in result["got"] if g[2] is not None] == [
+        ["a", 15, 15],
+        ["p:*", 4, 4],
+        ["a", 5, 5],
+    ]
     assert len(result["got"]) == 11
     assert result["stats"] == {"messages": 11, "gaps": 3, "reconnects": 0}
     by_key = {s["key"]: s for s in result["subs"]}
@@ -278,55 +340,22 @@ async def test_client_against_a_scripted_server(gateway: RunningGateway, page: P
     """Request matching, error codes, timeouts, 1012 and durable resume, with a
     server played by the test (the real one sends no offsets yet)."""
     connections: list[tuple[WebSocketRoute, list[dict[str, Any]]]] = []
-
-    def serve(ws: WebSocketRoute) -> None:
-        frames: list[dict[str, Any]] = []
-        connections.append((ws, frames))
-        epoch = f"e{len(connections)}"
-
-        def on_message(message: str | bytes) -> None:
-            frame = json.loads(message)
-            frames.append(frame)
-            rid = frame.get("requestId")
-            if frame["action"] == "subscribe":
-                names = [c if isinstance(c, str) else c["channel"] for c in frame["channels"]]
-                if "secret" in names:
-                    ws.send(
-                        json.dumps(
-                            {
-                                "type": "error",
-                                "requestId": rid,
-                                "code": "forbidden",
-                                "message": "role may not read secret",
-                                "channel": "secret",
-                            }
-                        )
-                    )
-                    return
-                subs = [
-                    {"pattern" if "*" in n else "channel": n, "epoch": epoch, "seq": 0, "live": True}
-                    for n in names
-                ]
-                ws.send(
-                    json.dumps(
-                        {"type": "subscribed", "requestId": rid, "channels": names, "subscriptions": subs}
-                    )
-                )
-            # ping: never answered, so the client's timeout has to fire.
-
-        ws.on_message(on_message)
-
+    # Answers per name, one per request; pings are never answered.
+    refusals = {"secret": ["forbidden"] * 10, "busy:1": ["rate_limited"]}
+    serve = _scripted_server(connections, refusals)
     await page.route_web_socket(lambda url: "/scripted" in url, serve)
     await _load_client(page, gateway.http)
     outcome = await page.evaluate(
         """async (url) => {
             window.errors = [];
             window.offsets = [];
+            window.states = [];
             const c = new window.gw.GatewayClient(url, {
                 token: "t0k&en",
                 requestTimeoutMs: 300,
                 reconnect: { minDelayMs: 30, maxDelayMs: 60000 },
                 onError: (e, ctx) => window.errors.push([e.code, ctx.key ?? null]),
+                onState: (state, info) => window.states.push({ state, ...info }),
             });
             window.client = c;
             const orders = c.subscribe("orders", (data, msg) => window.offsets.push(msg.offset));
@@ -335,17 +364,23 @@ async def test_client_against_a_scripted_server(gateway: RunningGateway, page: P
             const state = await orders.ready;
             const secret = c.subscribe("secret", () => {});
             let refused = null;
-            try { await secret.ready; } catch (e) { refused = { code: e.code, message: e.message }; }
+            try {
+                await secret.ready;
+            } catch (e) {
+                refused = { code: e.code, message: e.message };
+            }
             let ping = null;
             try { await c.ping(); } catch (e) { ping = e.code; }
-            return { state, refused, ping, keys: c.subscriptions().map((s) => s.key) };
+            const busy = await c.subscribe("busy:1", () => {}).ready;
+            return { state, refused, ping, busy, keys: c.subscriptions().map((s) => s.key) };
         }""",
         gateway.http.replace("http://", "ws://") + "/scripted",
     )
     assert outcome["state"]["status"] == "live" and outcome["state"]["epoch"] == "e1"
-    assert outcome["refused"] == {"code": "forbidden", "message": "role may not read secret"}
+    assert outcome["refused"] == {"code": "forbidden", "message": "forbidden: secret"}
     assert outcome["ping"] == "timeout"
-    assert outcome["keys"] == ["orders", "ticks:*"], "a refused name is forgotten"
+    assert outcome["busy"]["status"] == "live", "rate_limited is asked again, not a refusal"
+    assert outcome["keys"] == ["orders", "ticks:*", "busy:1"], "a refused name is forgotten"
 
     ws1, frames1 = connections[0]
     assert "token=t0k%26en" in ws1.url
@@ -353,6 +388,7 @@ async def test_client_against_a_scripted_server(gateway: RunningGateway, page: P
     assert frames1[0]["channels"] == ["orders", "ticks:*"], "one request for what was waiting"
     assert frames1[1]["channels"] == ["secret"]
     assert frames1[2]["action"] == "ping"
+    assert [f["channels"] for f in frames1[3:]] == [["busy:1"], ["busy:1"]]
     assert len({f["requestId"] for f in frames1}) == len(frames1)
 
     for seq, offset in ((1, "1700000000000-0"), (2, "1700000000000-1")):
@@ -363,8 +399,8 @@ async def test_client_against_a_scripted_server(gateway: RunningGateway, page: P
         )
     await page.wait_for_function("() => window.offsets.length === 2")
 
-    # Draining: the client must come back within minDelayMs even though the
-    # backoff ceiling is a minute, and resume the durable channel.
+    # Draining: the client comes back within minDelayMs (jittered) and
+    # resumes the durable channel from the last offset it saw.
     await ws1.close(code=1012, reason="service restart")
     await page.wait_for_function(
         "() => window.client.state === 'open' && window.client.subscriptions()"
@@ -376,12 +412,128 @@ async def test_client_against_a_scripted_server(gateway: RunningGateway, page: P
     assert frames2[0]["channels"] == [
         {"channel": "orders", "since": "1700000000000-1"},
         "ticks:*",
+        "busy:1",
     ]
-    errors = await page.evaluate("() => window.errors")
-    assert ["timeout", None] in errors
-    assert ["forbidden", "secret"] in errors
+    # A refused subscription is reported; a failed ping only rejects its promise.
+    assert await page.evaluate("() => window.errors") == [["forbidden", "secret"]]
+
+    # The server drops a subscription by itself (a refreshed token allows less).
+    ws2, _ = connections[1]
+    dropped = {"type": "unsubscribed", "channels": ["ticks:*"], "reason": "forbidden"}
+    ws2.send(json.dumps(dropped))
+    await page.wait_for_function("() => window.client.subscriptions().length === 2")
+    assert await page.evaluate("() => window.errors") == [
+        ["forbidden", "secret"],
+        ["forbidden", "ticks:*"],
+    ]
+    restart = await page.evaluate("() => window.states.find((s) => s.code === 1012)")
+    assert restart["state"] == "reconnecting" and 0 <= restart["delayMs"] < 30
+    ceilings = await page.evaluate(
+        "() => [0, 1, 2, 3, 4, 5, 6, 30, 5000]"
+        ".map((n) => window.gw.backoffDelay(n, 250, 10000, () => 0.9999))"
+    )
+    assert ceilings == [249, 499, 999, 1999, 3999, 7999, 9999, 9999, 9999]
     await page.evaluate("() => window.client.close()")
     await page.wait_for_function("() => window.client.state === 'closed'")
+
+
+def _scripted_server(
+    connections: list[tuple[WebSocketRoute, list[dict[str, Any]]]],
+    refusals: dict[str, list[str]] | None = None,
+) -> Callable[[WebSocketRoute], None]:
+    """A stand-in gateway. It confirms subscriptions (epoch e<n> on the n-th
+    connection) unless ``refusals`` holds an error code for a name (one code
+    used up per request), and leaves everything else to the test."""
+    refusals = refusals if refusals is not None else {}
+
+    def serve(ws: WebSocketRoute) -> None:
+        frames: list[dict[str, Any]] = []
+        connections.append((ws, frames))
+        epoch = f"e{len(connections)}"
+
+        def on_message(message: str | bytes) -> None:
+            frame = json.loads(message)
+            frames.append(frame)
+            rid = frame.get("requestId")
+            if frame["action"] != "subscribe":
+                return
+            names = [c if isinstance(c, str) else c["channel"] for c in frame["channels"]]
+            for name in names:
+                if refusals.get(name):
+                    code = refusals[name].pop(0)
+                    error = {"type": "error", "requestId": rid, "code": code, "channel": name}
+                    ws.send(json.dumps({**error, "message": f"{code}: {name}"}))
+                    return
+            subs = [
+                {"pattern" if "*" in n else "channel": n, "epoch": epoch, "seq": 0, "live": True}
+                for n in names
+            ]
+            reply = {
+                "type": "subscribed",
+                "requestId": rid,
+                "channels": names,
+                "subscriptions": subs,
+            }
+            ws.send(json.dumps(reply))
+
+        ws.on_message(on_message)
+
+    return serve
+
+
+@pytest.mark.browser
+async def test_console_highlights_gaps_and_shows_upstream_lost(
+    gateway: RunningGateway, page: Page
+) -> None:
+    """The console's reaction to frames a real gateway sends under load or when
+    Redis goes away, played by a scripted server."""
+    connections: list[tuple[WebSocketRoute, list[dict[str, Any]]]] = []
+    await page.route_web_socket(lambda url: url.endswith("/ws"), _scripted_server(connections))
+    await page.goto(gateway.http + "/")
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "open")
+    await page.fill("#sub-input", "market:tick:*")
+    await page.press("#sub-input", "Enter")
+    await expect(page.locator('#subs li[data-key="market:tick:*"]')).to_have_attribute(
+        "data-status", "live"
+    )
+    ws, _ = connections[0]
+    for seq in (1, 2, 5, 6):
+        frame = {
+            "type": "data",
+            "channel": "market:tick:NIFTY",
+            "pattern": "market:tick:*",
+            "seq": seq,
+            "data": {"ltp": 24310 + seq},
+        }
+        ws.send(json.dumps(frame))
+    await expect(page.locator("#stat-total")).to_have_text("4")
+    gap_rows = page.locator("#log .log-row.gap")
+    await expect(gap_rows).to_have_count(1)
+    await expect(gap_rows).to_contain_text("#5")
+    await expect(gap_rows).to_contain_text("expected #3 (2 missed)")
+    await expect(page.locator("#stat-gaps")).to_have_text("1")
+
+    banner = page.locator("#upstream-banner")
+    await expect(banner).to_be_hidden()
+    ws.send(json.dumps({"type": "upstream_lost", "subscriptions": [{"pattern": "market:tick:*"}]}))
+    await expect(banner).to_be_visible()
+    await expect(banner).to_contain_text("market:tick:*")
+    await expect(page.locator('#subs li[data-key="market:tick:*"]')).to_have_attribute(
+        "data-status", "waiting"
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "console-upstream-lost.png"))
+    resubscribed = {"pattern": "market:tick:*", "epoch": "e1b", "seq": 0, "live": True}
+    ws.send(json.dumps({"type": "resubscribed", "subscriptions": [resubscribed]}))
+    await expect(banner).to_be_hidden()
+    await expect(page.locator('#subs li[data-key="market:tick:*"]')).to_have_attribute(
+        "data-status", "live"
+    )
+    # After a new epoch, seq 1 again is continuity, not a gap.
+    frame = {"type": "data", "channel": "market:tick:NIFTY", "pattern": "market:tick:*"}
+    ws.send(json.dumps({**frame, "seq": 1, "data": {"ltp": 1}}))
+    await expect(page.locator("#stat-total")).to_have_text("5")
+    await expect(page.locator("#stat-gaps")).to_have_text("1")
 
 
 _COMMENTS_HTML = re.compile(r"<!--.*?-->", re.S)

@@ -78,8 +78,10 @@ async def test_redis_killed_and_restarted_mid_stream(
             async with http.get(gateway.http + "/readyz") as resp:
                 assert resp.status == 503
         redis_server.start()
-        notice = await c.next_of_type("resubscribed", timeout=10)
-        subs = {s.get("channel") or s.get("pattern"): s for s in notice["subscriptions"]}
+        subs = {}
+        while len(subs) < 2:
+            notice = await c.next_of_type("resubscribed", timeout=10)
+            subs.update({s.get("channel") or s.get("pattern"): s for s in notice["subscriptions"]})
         assert set(subs) == {"market:tick:NIFTY", "engine:*"}
         assert all(s["live"] and s["seq"] == 0 for s in subs.values())
         assert subs["market:tick:NIFTY"]["epoch"] != before[0]["epoch"]
@@ -166,3 +168,34 @@ async def test_health_endpoints(gateway: RunningGateway, redis_server: RedisServ
         await _wait_for(not_ready)
         async with http.get(gateway.http + "/healthz") as resp:
             assert resp.status == 200
+
+
+async def test_resubscribed_notice_precedes_the_new_epochs_first_frames(
+    gateway: RunningGateway, redis_server: RedisServer
+) -> None:
+    async with GatewayClient(gateway.url) as c:
+        await c.subscribe("burst")
+        redis_server.kill()
+        await c.next_of_type("upstream_lost")
+        redis_server.start()
+        r = aioredis.from_url(redis_server.url)
+        try:
+            # Publish as fast as possible while the gateway resubscribes, so
+            # messages follow the confirmation in the same read.
+            async def flood() -> None:
+                while not gateway.gateway.hub.channels[b"burst"].live:
+                    await r.publish("burst", b"x")
+                for _ in range(50):
+                    await r.publish("burst", b"x")
+
+            await asyncio.wait_for(flood(), 15)
+        finally:
+            await r.aclose()
+        kinds = []
+        while len([k for k in kinds if k == "data"]) < 50:
+            frame = await c.next_message()
+            kinds.append(frame["type"])
+            if frame["type"] == "data":
+                assert "resubscribed" in kinds, "data of the new epoch before its notice"
+                if frame["seq"] == 1:
+                    assert kinds[-2] == "resubscribed"

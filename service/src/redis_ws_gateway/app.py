@@ -150,7 +150,7 @@ class Gateway:
         if (
             origin is not None
             and s.allowed_origins
-            and not _origin_allowed(origin, s.allowed_origins)
+            and not _origin_allowed(origin, s.allowed_origins, request.host)
         ):
             # Cross-site WebSocket hijacking: a page elsewhere must not ride on
             # the user's cookies or network position.
@@ -541,9 +541,15 @@ def _http_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
-def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+def _origin_allowed(origin: str, allowed: tuple[str, ...], host: str) -> bool:
     # Exact scheme, host and port: no suffix or substring matching.
-    return "*" in allowed or origin.rstrip("/").lower() in {a.lower() for a in allowed}
+    origin = origin.rstrip("/").lower()
+    if "*" in allowed or origin in {a.lower() for a in allowed}:
+        return True
+    # Same origin (the console served by this gateway): a page elsewhere
+    # cannot make its browser send our host as its Origin.
+    _, _, netloc = origin.partition("://")
+    return bool(netloc) and netloc == host.lower()
 
 
 def _client_ip(request: web.Request, trusted_hops: int) -> str:

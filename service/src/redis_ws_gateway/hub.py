@@ -94,7 +94,6 @@ class Hub:
         self._dirty: list[Session] = []
         self._lagging: set[Session] = set()
         self._drain_task: asyncio.Task[None] | None = None
-        self._notices: dict[Session, list[dict[str, Any]]] = {}
         self._boot = os.urandom(3).hex()
         self._epochs = 0
         self.messages_in = 0
@@ -244,7 +243,6 @@ class Hub:
     def remove_session(self, session: Session) -> None:
         self.unsubscribe(session, None)
         self._lagging.discard(session)
-        self._notices.pop(session, None)
 
     def _maybe_linger(self, topic: Topic) -> None:
         if topic.sessions or topic.waiters or topic.lingering is not None:
@@ -294,9 +292,11 @@ class Hub:
             topic.ready.set_result(True)
         if topic.needs_notice:
             topic.needs_notice = False
-            state = topic.describe()
+            # Queued now, in line with the data of this read: the notice must
+            # precede the new epoch's first frames, which follow in the read.
+            notice = protocol.resubscribed_message([topic.describe()])
             for session in topic.sessions:
-                self._notices.setdefault(session, []).append(state)
+                session.queue_control(notice)
 
     def on_upstream_up(self) -> None:
         assert self.upstream is not None
@@ -351,10 +351,6 @@ class Hub:
 
     def on_batch_end(self) -> None:
         self.last_message_at = time.monotonic()
-        if self._notices:
-            notices, self._notices = self._notices, {}
-            for session, subs in notices.items():
-                session.send_control(protocol.resubscribed_message(subs))
         dirty = self._dirty
         if dirty:
             for session in dirty:

@@ -123,6 +123,16 @@ class Session:
 
     # --- control frames (replies, notices): never dropped, kept in order ------
 
+    def queue_control(self, body: bytes) -> None:
+        """A notice in line with data frames routed in the same upstream read."""
+        frame = text_frame(body)
+        if self.lagging:
+            self._append(next(_unique), frame, droppable=False)
+            return
+        if not self.batch:
+            self._on_dirty(self)
+        self.batch.append(frame)
+
     def send_control(self, body: bytes) -> None:
         frame = text_frame(body)
         if self.lagging:
@@ -177,8 +187,11 @@ class Session:
 
     def _overflow(self, frame: bytes, conflate_key: Any, policy: Policy) -> None:
         if policy == "conflate":
-            old = self.backlog.pop(conflate_key, None)
+            old = self.backlog.get(conflate_key)
             if old is not None:
+                # Replaced in place: the newer frame takes the older one's
+                # position, so it never jumps past a reply or notice queued
+                # after that one (an unsubscribe, a new epoch).
                 self.backlog_bytes -= len(old[0])
                 self.conflated += 1
             self._append(conflate_key, frame, droppable=True)
