@@ -21,6 +21,9 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import WSMsgType, web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from . import protocol
@@ -40,14 +43,17 @@ from .errors import (
 )
 from .hub import Hub
 from .limits import ConnectionCounter, TokenBucket, pattern_metachars
+from .metrics import Metrics, close_reason
 from .session import Session
 from .snapshots import Snapshots
+from .tracing import provider_from_env, tracer_for
 from .upstream import Upstream
 
 log = structlog.get_logger("redis_ws_gateway.app")
 
 CLOSE_POLICY = 1008
 CLOSE_SERVICE_RESTART = 1012
+CLOSE_ADMIN = 4000
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_RATE_LIMITED = 4029
 SUBPROTOCOL = "rwg.v1"
@@ -55,8 +61,10 @@ TOKEN_PROTOCOL_PREFIX = "bearer."
 
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
+        self.tracing = tracer_provider is not None
+        self.tracer = tracer_for(tracer_provider)
         self.acl = build_acl(settings.roles)
         self.auth = Authenticator(settings, self.acl)
         self.hub = Hub(
@@ -78,6 +86,12 @@ class Gateway:
         )
         self.hub.upstream = self.upstream
         self.durable = Durable(settings, self.hub)
+        self.metrics = Metrics(self)
+        self.hub.observe_processing = self.metrics.processing.observe
+        if self.tracing:
+            self.hub.tracer = self.tracer
+            self.hub.trace_sample_rate = settings.trace_delivery_sample_rate
+        self.upstream.tracer = self.tracer
         self.snapshots = Snapshots(settings, self.durable.redis)
         self.sessions: dict[Session, web.WebSocketResponse] = {}
         self.draining = False
@@ -144,7 +158,7 @@ class Gateway:
 
     async def handle_ws(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
-            return web.Response(status=503, text="draining\n")
+            return self._reject(503, "draining", "draining")
         s = self.settings
         origin = request.headers.get("Origin")
         if (
@@ -154,25 +168,35 @@ class Gateway:
         ):
             # Cross-site WebSocket hijacking: a page elsewhere must not ride on
             # the user's cookies or network position.
-            return web.Response(status=403, text="origin not allowed\n")
+            return self._reject(403, "origin", "origin not allowed")
         ip = _client_ip(request, s.trusted_proxy_hops)
         credential, via_protocol = _credential(request)
         try:
-            if credential is not None:
-                principal = await self.auth.authenticate(credential)
-            elif s.require_auth:
-                principal = self.auth.unauthenticated()
-            else:
-                principal = self.auth.anonymous()
+            with self.tracer.start_as_current_span("ws.connect") as span:
+                span.set_attribute("client.address", ip)
+                if credential is not None:
+                    principal = await self.auth.authenticate(credential)
+                elif s.require_auth:
+                    principal = self.auth.unauthenticated()
+                else:
+                    principal = self.auth.anonymous()
+                span.set_attribute("redis_ws_gateway.auth", principal.via)
         except Unauthorized as exc:
-            return web.Response(status=401, text=f"{exc}\n")
+            self.metrics.auth_failures.labels(_auth_reason(str(exc))).inc()
+            return self._reject(401, "unauthorized", str(exc))
         except Forbidden as exc:
-            return web.Response(status=403, text=f"{exc}\n")
+            self.metrics.auth_failures.labels("no_known_role").inc()
+            return self._reject(403, "forbidden", str(exc))
         user = _counted_user(principal)
         refusal = self.connections.refusal(ip, user)
         if refusal is not None:
             status = 503 if "gateway" in refusal else 429
-            return web.Response(status=status, text=f"{refusal}\n")
+            reason = (
+                "limit_total"
+                if status == 503
+                else ("limit_ip" if "address" in refusal else "limit_user")
+            )
+            return self._reject(status, reason, refusal)
         ws = web.WebSocketResponse(
             heartbeat=s.ws_ping_interval_seconds,
             max_msg_size=s.ws_max_message_bytes,
@@ -218,6 +242,7 @@ class Gateway:
                 age, session.close, CLOSE_SERVICE_RESTART, "max connection age"
             )
         clog = log.bind(conn=session.id)
+        self.metrics.opened.inc()
         clog.info("connection_open", remote=ip, user=principal.user, via=principal.via)
         try:
             async for msg in ws:
@@ -225,6 +250,7 @@ class Gateway:
                     if bucket.rejected >= s.rate_limit_close_after:
                         await self._close_ws(session, CLOSE_RATE_LIMITED, "rate limit exceeded")
                         break
+                    self.metrics.rate_limited.inc()
                     session.send_control(
                         protocol.error_message(RateLimited("too many messages, slow down"))
                     )
@@ -241,6 +267,12 @@ class Gateway:
             self.hub.remove_session(session)
             del self.sessions[session]
             self.connections.remove(ip, counted[0])
+            m = self.metrics
+            m.closed.labels(close_reason(ws.close_code)).inc()
+            m.closed_frames += session.frames_sent
+            m.closed_bytes += session.bytes_sent
+            m.closed_dropped += session.dropped
+            m.closed_conflated += session.conflated
             clog.info(
                 "connection_closed",
                 code=ws.close_code,
@@ -249,6 +281,20 @@ class Gateway:
                 conflated=session.conflated,
             )
         return ws
+
+    def _reject(self, status: int, reason: str, text: str) -> web.Response:
+        self.metrics.rejected.labels(reason).inc()
+        return web.Response(status=status, text=f"{text}\n")
+
+    def _client_error(self, session: Session, exc: GatewayError) -> None:
+        self.metrics.client_errors.labels(exc.code).inc()
+        if exc.code == "unauthorized":
+            self.metrics.auth_failures.labels(_auth_reason(str(exc))).inc()
+        session.send_control(protocol.error_message(exc))
+
+    async def metrics_endpoint(self, _: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _arm_expiry(self, session: Session, timers: dict[str, asyncio.TimerHandle]) -> None:
         old = timers.pop("expiry", None)
@@ -271,19 +317,26 @@ class Gateway:
         try:
             req = protocol.decode_request(text, self.settings.max_channel_name_length)
         except GatewayError as exc:
-            session.send_control(protocol.error_message(exc))
+            self._client_error(session, exc)
             return
         try:
             if req.action == "auth":
-                await self._authenticate(session, req, timers, counted)
+                with self.tracer.start_as_current_span("ws.auth") as span:
+                    span.set_attribute("redis_ws_gateway.connection", session.id)
+                    await self._authenticate(session, req, timers, counted)
             elif session.principal.via == "pending" and req.action != "ping":
                 raise Unauthorized("authenticate first: send an auth action with a token")
+            elif req.action == "subscribe" and self.tracing:
+                with self.tracer.start_as_current_span("ws.subscribe") as span:
+                    span.set_attribute("redis_ws_gateway.connection", session.id)
+                    span.set_attribute("redis_ws_gateway.channels", len(req.channels or ()))
+                    await self._dispatch(session, req)
             else:
                 await self._dispatch(session, req)
         except GatewayError as exc:
             if exc.request_id is None:
                 exc.request_id = req.request_id
-            session.send_control(protocol.error_message(exc))
+            self._client_error(session, exc)
 
     async def _authenticate(
         self,
@@ -484,6 +537,7 @@ class Gateway:
             return _http_error(400, exc.code, str(exc))
         payload = orjson.dumps(body["data"])
         spec = self.durable.spec(channel)
+        trace.get_current_span().set_attribute("messaging.destination.name", channel)
         try:
             if spec is not None:
                 offset = await self.durable.publish(spec, payload)
@@ -494,12 +548,119 @@ class Gateway:
             return _http_error(503, "upstream_unavailable", "Redis is unreachable; retry")
         return web.json_response({"channel": channel, "receivers": receivers})
 
+    # --- admin API (docs/openapi.yaml) ----------------------------------------------
+
+    async def _admin(self, request: web.Request) -> web.Response | None:
+        """None when the request carries the API key, else the refusal."""
+        credential, _ = _credential(request)
+        if credential is None:
+            return _http_error(401, "unauthorized", "credential required")
+        try:
+            principal = await self.auth.authenticate(credential)
+        except (Unauthorized, Forbidden) as exc:
+            return _http_error(401, "unauthorized", str(exc))
+        if principal.via != "api_key":
+            return _http_error(403, "forbidden", "the admin API needs the gateway API key")
+        return None
+
+    def _describe_session(self, session: Session) -> dict[str, Any]:
+        return {
+            "id": session.id,
+            "user": session.principal.user,
+            "auth": session.principal.via,
+            "roles": list(session.principal.roles),
+            "remote": session.remote,
+            "openedAt": int(session.opened_at * 1000),
+            "subscriptions": [{kind: name} for kind, name in session.subscriptions],
+            "bufferedBytes": session.buffered_bytes(),
+            "lagging": session.lagging,
+            "framesSent": session.frames_sent,
+            "bytesSent": session.bytes_sent,
+            "dropped": session.dropped,
+            "conflated": session.conflated,
+        }
+
+    async def admin_connections(self, request: web.Request) -> web.Response:
+        if (refusal := await self._admin(request)) is not None:
+            return refusal
+        user = request.query.get("user")
+        sessions = [s for s in self.sessions if user is None or s.principal.user == user]
+        return web.json_response({"connections": [self._describe_session(s) for s in sessions]})
+
+    async def admin_disconnect(self, request: web.Request) -> web.Response:
+        if (refusal := await self._admin(request)) is not None:
+            return refusal
+        conn_id = request.match_info["conn_id"]
+        session = next((s for s in self.sessions if s.id == conn_id), None)
+        if session is None:
+            return _http_error(404, "not_found", f"no connection {conn_id}")
+        await self._close_ws(session, CLOSE_ADMIN, "closed by an administrator")
+        return web.json_response({"closed": [conn_id]})
+
+    async def admin_disconnect_user(self, request: web.Request) -> web.Response:
+        if (refusal := await self._admin(request)) is not None:
+            return refusal
+        user = request.match_info["user"]
+        victims = [s for s in self.sessions if s.principal.user == user]
+        await asyncio.gather(
+            *(self._close_ws(s, CLOSE_ADMIN, "closed by an administrator") for s in victims)
+        )
+        return web.json_response({"closed": [s.id for s in victims]})
+
+    async def admin_stats(self, request: web.Request) -> web.Response:
+        if (refusal := await self._admin(request)) is not None:
+            return refusal
+        sessions = list(self.sessions)
+        return web.json_response(
+            {
+                "uptimeSeconds": round(time.time() - self.started_at, 3),
+                "draining": self.draining,
+                "connections": len(sessions),
+                "clientSubscriptions": sum(len(s.subscriptions) for s in sessions),
+                "upstream": {
+                    "up": self.upstream.is_up,
+                    "redis": self.upstream.address.describe(),
+                    "reconnects": self.upstream.reconnects,
+                    "channels": len(self.hub.channels),
+                    "patterns": len(self.hub.patterns),
+                    "streams": len(self.hub.streams),
+                    "messagesIn": self.hub.messages_in,
+                },
+                "durable": {
+                    "readerUp": self.durable.reader_up,
+                    "replays": self.durable.replays,
+                    "replayedEntries": self.durable.replayed_entries,
+                },
+                "laggingSessions": self.hub.lagging_count(),
+                "bufferedBytes": sum(s.buffered_bytes() for s in sessions),
+            }
+        )
+
+    @web.middleware
+    async def _trace_http(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not self.tracing or request.path == "/ws":
+            result: web.StreamResponse = await handler(request)
+            return result
+        with self.tracer.start_as_current_span(f"HTTP {request.method} {request.path}") as span:
+            span.set_attribute("http.request.method", request.method)
+            span.set_attribute("url.path", request.path)
+            response: web.StreamResponse = await handler(request)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.publish_max_bytes + 1024)
+        app = web.Application(
+            client_max_size=self.settings.publish_max_bytes + 1024, middlewares=[self._trace_http]
+        )
         app.router.add_post("/publish", self.publish)
+        app.router.add_get("/admin/connections", self.admin_connections)
+        app.router.add_delete("/admin/connections/{conn_id}", self.admin_disconnect)
+        app.router.add_delete("/admin/users/{user}/connections", self.admin_disconnect_user)
+        app.router.add_get("/admin/stats", self.admin_stats)
         app.router.add_get("/ws", self.handle_ws)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_endpoint)
         for route in _STATIC_ROUTES:
             app.router.add_get(route, self.static_file)
         return app
@@ -537,6 +698,28 @@ def _credential(request: web.Request) -> tuple[str | None, bool]:
     return token, SUBPROTOCOL in offered
 
 
+_AUTH_REASONS = {
+    "invalid credential": "invalid_credential",
+    "token expired": "expired",
+    "token not yet valid": "not_yet_valid",
+    "bad token signature": "bad_signature",
+    "token algorithm not allowed": "algorithm",
+    "token algorithm does not match its key": "algorithm",
+    "unknown token key id": "unknown_kid",
+    "token issuer or audience not accepted": "issuer_audience",
+    "token has no exp claim": "claims",
+    "token has no sub claim": "claims",
+    "malformed token": "malformed",
+}
+
+
+def _auth_reason(message: str) -> str:
+    """A bounded label for an auth failure message (never the token)."""
+    if message.startswith("token claim"):
+        return "claims"
+    return _AUTH_REASONS.get(message, "other")
+
+
 def _http_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
@@ -570,7 +753,8 @@ def _counted_user(principal: Principal) -> str | None:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit within the shutdown timeout."""
-    gateway = Gateway(settings)
+    provider = provider_from_env()
+    gateway = Gateway(settings, provider)
     await gateway.start()
     runner = web.AppRunner(
         gateway.build_app(),
@@ -603,4 +787,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         log.warning("drain_timeout", remaining=len(gateway.sessions))
     await gateway.stop()
     await runner.cleanup()
+    if provider is not None:
+        provider.shutdown()
     log.info("stopped")

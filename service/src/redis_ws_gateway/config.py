@@ -151,6 +151,7 @@ class Settings:
     replay_batch: int = 500
     replay_concurrency: int = 8
     publish_max_bytes: int = 1_048_576
+    trace_delivery_sample_rate: float = 0.01
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     channel_policies: tuple[ChannelPolicy, ...] = DEFAULT_CHANNEL_POLICIES
 
@@ -308,6 +309,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DURABLE_REPLAY_BATCH": ("replay_batch", _int_range(1, 100_000)),
     "DURABLE_REPLAY_CONCURRENCY": ("replay_concurrency", _int_range(1, 10_000)),
     "PUBLISH_MAX_BYTES": ("publish_max_bytes", _int_range(1, 64 * 1024 * 1024)),
+    "TRACE_DELIVERY_SAMPLE_RATE": ("trace_delivery_sample_rate", _float_range(0, 1)),
 }
 
 # Settings whose empty value means "unset" (e.g. an empty Secret key).

@@ -88,6 +88,8 @@ class Durable:
         self._task: asyncio.Task[None] | None = None
         self._replays = asyncio.Semaphore(settings.replay_concurrency)
         self.reader_up = False
+        self.replays = 0
+        self.replayed_entries = 0
         hub.on_stream_released = self._released
 
     @property
@@ -195,6 +197,8 @@ class Durable:
             if start is not None:
                 async with self._replays:
                     replayed = await self._catch_up(session, topic, spec, start)
+                self.replays += 1
+                self.replayed_entries += replayed
             else:
                 self._hub.attach(session, topic)
             return self._describe(topic, replayed, complete)
@@ -320,6 +324,7 @@ class Durable:
             delay = self._settings.redis_reconnect_min_seconds
             if not reply:
                 continue
+            self._hub.on_batch_start()
             by_key = {spec.key.encode(): (topic, spec) for topic, spec in self._topics.values()}
             for key, entries in reply:
                 pair = by_key.get(key)

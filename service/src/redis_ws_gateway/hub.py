@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 import structlog
+from opentelemetry.trace import Tracer
 
 from . import protocol
 from .config import ChannelPolicy, Policy
 from .globmatch import glob_match, is_pattern
 from .session import Session
+from .tracing import link_from_traceparent
 from .upstream import Kind, Upstream
 
 log = structlog.get_logger("redis_ws_gateway.hub")
@@ -98,7 +102,10 @@ class Hub:
         self._epochs = 0
         self.messages_in = 0
         self.last_message_at = time.monotonic()
-        self.on_deliver: Callable[[int], None] | None = None
+        self.observe_processing: Callable[[float], None] | None = None
+        self.tracer: Tracer | None = None
+        self.trace_sample_rate = 0.01
+        self._batch_started = time.perf_counter()
 
     # --- bookkeeping ----------------------------------------------------------
 
@@ -208,6 +215,7 @@ class Hub:
         """One live stream entry, routed like a pub/sub message plus its offset."""
         topic.cursor = entry_id
         self.messages_in += 1
+        self.last_message_at = time.monotonic()
         if not topic.sessions:
             return
         topic.seq += 1
@@ -322,8 +330,12 @@ class Hub:
             session.send_control(protocol.upstream_lost_message(subs))
         log.warning("clients_notified_upstream_lost", sessions=len(lost))
 
+    def on_batch_start(self) -> None:
+        self._batch_started = time.perf_counter()
+
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1
+        self.last_message_at = time.monotonic()
         if pattern is None:
             topic = self.channels.get(channel)
             if topic is None or not topic.sessions:
@@ -337,6 +349,8 @@ class Hub:
         topic.seq += 1
         body, is_b64 = protocol.payload_json(payload)
         frame = protocol.text_frame(protocol.data_message(prefix, topic.seq, body, is_b64))
+        if self.tracer is not None and b'"traceparent"' in payload:
+            self._trace_delivery(channel, pattern, payload, len(topic.sessions))
         policy = self.policy_for(channel)
         key = (topic, channel)
         if pattern is None:
@@ -349,13 +363,36 @@ class Hub:
                 if session.principal.may_read(name):
                     session.deliver(frame, key, policy)
 
+    def _trace_delivery(
+        self, channel: bytes, pattern: bytes | None, payload: bytes, recipients: int
+    ) -> None:
+        """A span linked to the publisher's trace, for a sample of messages."""
+        if random.random() >= self.trace_sample_rate or self.tracer is None:
+            return
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        link = link_from_traceparent(obj.get("traceparent") if isinstance(obj, dict) else None)
+        if link is None:
+            return
+        attrs: dict[str, str | int] = {
+            "messaging.system": "redis",
+            "messaging.destination.name": channel.decode("utf-8", "replace"),
+            "redis_ws_gateway.recipients": recipients,
+        }
+        if pattern is not None:
+            attrs["redis_ws_gateway.pattern"] = pattern.decode("utf-8", "replace")
+        self.tracer.start_span("deliver", links=[link], attributes=attrs).end()
+
     def on_batch_end(self) -> None:
-        self.last_message_at = time.monotonic()
         dirty = self._dirty
         if dirty:
             for session in dirty:
                 session.flush()
             dirty.clear()
+            if self.observe_processing is not None:
+                self.observe_processing(time.perf_counter() - self._batch_started)
 
     # --- session callbacks -------------------------------------------------------
 
@@ -376,6 +413,9 @@ class Hub:
             for session in list(self._lagging):
                 if session.drain(now, self._grace):
                     self._lagging.discard(session)
+
+    def lagging_count(self) -> int:
+        return len(self._lagging)
 
     def stats(self) -> dict[str, Any]:
         channels, patterns = self.upstream_counts()

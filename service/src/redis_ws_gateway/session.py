@@ -39,6 +39,7 @@ class Session:
         "backlog",
         "backlog_bytes",
         "batch",
+        "bytes_sent",
         "closing",
         "conflated",
         "dropped",
@@ -47,6 +48,7 @@ class Session:
         "id",
         "lag_since",
         "lagging",
+        "opened_at",
         "principal",
         "remote",
         "subscriptions",
@@ -83,7 +85,9 @@ class Session:
         self.dropped = 0
         self.conflated = 0
         self.frames_sent = 0
+        self.bytes_sent = 0
         self.held = False
+        self.opened_at = time.time()
         self.writable: asyncio.Event | None = None
         self._limit = buffer_limit
         self._high_water = high_water
@@ -116,6 +120,7 @@ class Session:
         if self.closing or transport.is_closing():
             return
         transport.write(data)
+        self.bytes_sent += len(data)
         if transport.get_write_buffer_size() > self._high_water and not self.lagging:
             self.lagging = True
             self.lag_since = time.monotonic()
@@ -139,6 +144,7 @@ class Session:
             self._append(next(_unique), frame, droppable=False)
             return
         self.flush()
+        self.frames_sent += 1
         self._write(frame)
 
     def send_replay(self, frame: bytes) -> None:
@@ -244,7 +250,9 @@ class Session:
             chunk.append(frame)
         if chunk:
             self.frames_sent += len(chunk)
-            transport.write(b"".join(chunk))
+            data = b"".join(chunk)
+            transport.write(data)
+            self.bytes_sent += len(data)
         if self.backlog or transport.get_write_buffer_size() > self._high_water:
             return False
         self.lagging = False

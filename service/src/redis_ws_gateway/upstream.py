@@ -26,6 +26,8 @@ from urllib.parse import unquote, urlparse
 
 import hiredis
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 log = structlog.get_logger("redis_ws_gateway.upstream")
 
@@ -37,6 +39,7 @@ _UNSUB_CMD: dict[Kind, bytes] = {"channel": b"UNSUBSCRIBE", "pattern": b"PUNSUBS
 
 class UpstreamListener(Protocol):
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None: ...
+    def on_batch_start(self) -> None: ...
     def on_batch_end(self) -> None: ...
     def on_upstream_up(self) -> None: ...
     def on_upstream_down(self) -> None: ...
@@ -122,6 +125,7 @@ class PubSubProtocol(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         listener = self._listener
+        listener.on_batch_start()
         try:
             while (reply := reader.gets()) is not False:
                 if type(reply) is list and len(reply) >= 3:
@@ -232,6 +236,7 @@ class Upstream:
         self._ssl = ssl_context
         self._on_state = on_state
         self._conn: PubSubProtocol | None = None
+        self.tracer: Tracer = trace.NoOpTracer()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connected = asyncio.Event()
@@ -279,7 +284,11 @@ class Upstream:
         first = True
         while not self._stopping:
             try:
-                conn = await asyncio.wait_for(self._connect(), self._connect_timeout)
+                with self.tracer.start_as_current_span(
+                    "upstream.connect",
+                    attributes={"server.address": self.address.describe(), "reconnect": not first},
+                ):
+                    conn = await asyncio.wait_for(self._connect(), self._connect_timeout)
             except (OSError, TimeoutError, UpstreamError, ssl.SSLError) as exc:
                 # Full jitter keeps a fleet of pods from reconnecting in step
                 # after a Redis restart.

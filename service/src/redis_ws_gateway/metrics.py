@@ -1,0 +1,189 @@
+"""Prometheus metrics. The hot path only bumps plain integers on the hub and
+the sessions; this collector turns them into metric families at scrape time,
+so a scrape costs O(connections) and a delivered message costs nothing extra.
+
+Labels are bounded sets (close reasons, rejection reasons, policies, kinds):
+never a channel name or a user id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+PREFIX = "redis_ws_gateway"
+
+CLOSE_REASONS = {
+    1000: "normal",
+    1001: "going_away",
+    1006: "abnormal",
+    1008: "policy",
+    1009: "too_big",
+    1011: "server_error",
+    1012: "service_restart",
+    4001: "unauthorized",
+    4008: "slow_consumer",
+    4029: "rate_limited",
+}
+
+_BUFFER_BUCKETS = (0, 1024, 16_384, 65_536, 262_144, 1_048_576, 4_194_304)
+
+
+def close_reason(code: int | None) -> str:
+    if code is None:
+        return "abnormal"
+    return CLOSE_REASONS.get(code, "other")
+
+
+class Metrics:
+    def __init__(self, gateway: Gateway) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.opened = Counter(
+            f"{PREFIX}_connections_opened", "WebSocket connections accepted", registry=r
+        )
+        self.closed = Counter(
+            f"{PREFIX}_connections_closed",
+            "WebSocket connections closed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_connections_rejected",
+            "Upgrades refused before the WebSocket opened, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures", "Credentials refused, by reason", ["reason"], registry=r
+        )
+        self.rate_limited = Counter(
+            f"{PREFIX}_rate_limited", "Client frames refused by the rate limit", registry=r
+        )
+        self.client_errors = Counter(
+            f"{PREFIX}_client_errors", "Error frames sent to clients, by code", ["code"], registry=r
+        )
+        self.processing = Histogram(
+            f"{PREFIX}_processing_seconds",
+            "Gateway time from reading an upstream batch to the socket writes of its frames",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=r,
+        )
+        # Counters of sessions that have closed, so totals survive them.
+        self.closed_frames = 0
+        self.closed_bytes = 0
+        self.closed_dropped = 0
+        self.closed_conflated = 0
+        r.register(_StateCollector(gateway, self))
+
+
+class _StateCollector(Collector):
+    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+        self._gw = gateway
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        gw, m = self._gw, self._m
+        sessions = list(gw.sessions)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_connections", "Open WebSocket connections", len(sessions)
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_client_subscriptions",
+            "Subscriptions held by clients",
+            sum(len(s.subscriptions) for s in sessions),
+        )
+        up = GaugeMetricFamily(
+            f"{PREFIX}_upstream_subscriptions",
+            "Subscriptions held on Redis, by kind",
+            labels=["kind"],
+        )
+        up.add_metric(["channel"], len(gw.hub.channels))
+        up.add_metric(["pattern"], len(gw.hub.patterns))
+        up.add_metric(["stream"], len(gw.hub.streams))
+        yield up
+        yield CounterMetricFamily(
+            f"{PREFIX}_upstream_messages",
+            "Messages and stream entries read from Redis",
+            gw.hub.messages_in,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_frames_sent",
+            "WebSocket frames written to clients",
+            m.closed_frames + sum(s.frames_sent for s in sessions),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_bytes_sent",
+            "Bytes written to client sockets",
+            m.closed_bytes + sum(s.bytes_sent for s in sessions),
+        )
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_messages_dropped",
+            "Messages a lagging client did not get, by slow-consumer policy",
+            labels=["policy"],
+        )
+        dropped.add_metric(["drop-oldest"], m.closed_dropped + sum(s.dropped for s in sessions))
+        dropped.add_metric(["conflate"], m.closed_conflated + sum(s.conflated for s in sessions))
+        yield dropped
+        buckets = [0] * len(_BUFFER_BUCKETS)
+        total = 0
+        for s in sessions:
+            fill = s.buffered_bytes()
+            total += fill
+            for i, bound in enumerate(_BUFFER_BUCKETS):
+                if fill <= bound:
+                    buckets[i] += 1
+        yield GaugeHistogramMetricFamily(
+            f"{PREFIX}_session_buffer_bytes",
+            "Bytes waiting per connection (socket buffer plus backlog)",
+            buckets=[(str(b), c) for b, c in zip(_BUFFER_BUCKETS, buckets, strict=True)]
+            + [("+Inf", len(sessions))],
+            gsum_value=total,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_lagging_sessions",
+            "Connections over the high-water mark",
+            gw.hub.lagging_count(),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_upstream_up",
+            "1 while the Redis pub/sub connection is up",
+            int(gw.upstream.is_up),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_upstream_reconnects",
+            "Reconnects of the Redis pub/sub connection",
+            gw.upstream.reconnects,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_seconds_since_upstream_message",
+            "Seconds since the last read from Redis",
+            time.monotonic() - gw.hub.last_message_at,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_durable_reader_up",
+            "1 while the stream reader reaches Redis",
+            int(gw.durable.reader_up),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_durable_replays", "Durable history replays served", gw.durable.replays
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_durable_replayed_entries",
+            "Durable history entries sent",
+            gw.durable.replayed_entries,
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_draining", "1 while shutting down", int(gw.draining))
