@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
 
 from redis_ws_gateway.app import Gateway
 from redis_ws_gateway.config import Settings
@@ -14,9 +15,9 @@ from .redis_server import free_port
 
 
 class RunningGateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
-        self.gateway = Gateway(settings)
+        self.gateway = Gateway(settings, tracer_provider)
         self.runner: web.AppRunner | None = None
 
     @property

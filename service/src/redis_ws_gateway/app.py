@@ -86,8 +86,6 @@ class Gateway:
         )
         self.hub.upstream = self.upstream
         self.durable = Durable(settings, self.hub)
-        self.metrics = Metrics(self)
-        self.hub.observe_processing = self.metrics.processing.observe
         if self.tracing:
             self.hub.tracer = self.tracer
             self.hub.trace_sample_rate = settings.trace_delivery_sample_rate
@@ -104,6 +102,9 @@ class Gateway:
             settings.max_connections_per_ip,
             settings.max_connections_per_user,
         )
+        # Last: its collector reads the state above.
+        self.metrics = Metrics(self)
+        self.hub.observe_processing = self.metrics.processing.observe
 
     # --- lifecycle ----------------------------------------------------------
 
