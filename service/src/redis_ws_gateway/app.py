@@ -44,6 +44,7 @@ from .errors import (
 from .hub import Hub
 from .limits import ConnectionCounter, TokenBucket, pattern_metachars
 from .metrics import Metrics, close_reason
+from .redis_conn import MasterLocator, tls_context
 from .session import Session
 from .snapshots import Snapshots
 from .tracing import provider_from_env, tracer_for
@@ -83,6 +84,9 @@ class Gateway:
             backoff_max=settings.redis_reconnect_max_seconds,
             username=settings.redis_username,
             password=settings.redis_password,
+            ssl_context=tls_context(settings),
+            locator=MasterLocator(settings),
+            sentinel_check=settings.redis_sentinel_check_seconds,
         )
         self.hub.upstream = self.upstream
         self.durable = Durable(settings, self.hub)

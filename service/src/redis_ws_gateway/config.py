@@ -152,6 +152,14 @@ class Settings:
     replay_concurrency: int = 8
     publish_max_bytes: int = 1_048_576
     trace_delivery_sample_rate: float = 0.01
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
+    redis_tls_verify: bool = True
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: str | None = None
+    redis_sentinel_check_seconds: float = 1.0
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     channel_policies: tuple[ChannelPolicy, ...] = DEFAULT_CHANNEL_POLICIES
 
@@ -241,6 +249,16 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _host_ports(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in _csv(name, raw):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(name, item, "expected host:port")
+        out.append((host.strip("[]"), int(port)))
+    return tuple(out)
+
+
 def _nonempty(name: str, raw: str) -> str:
     if not raw.strip():
         raise ConfigError(name, raw, "must not be empty")
@@ -310,6 +328,14 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DURABLE_REPLAY_CONCURRENCY": ("replay_concurrency", _int_range(1, 10_000)),
     "PUBLISH_MAX_BYTES": ("publish_max_bytes", _int_range(1, 64 * 1024 * 1024)),
     "TRACE_DELIVERY_SAMPLE_RATE": ("trace_delivery_sample_rate", _float_range(0, 1)),
+    "REDIS_TLS_CA_FILE": ("redis_tls_ca_file", _nonempty),
+    "REDIS_TLS_CERT_FILE": ("redis_tls_cert_file", _nonempty),
+    "REDIS_TLS_KEY_FILE": ("redis_tls_key_file", _nonempty),
+    "REDIS_TLS_VERIFY": ("redis_tls_verify", _parse_bool),
+    "REDIS_SENTINELS": ("redis_sentinels", _host_ports),
+    "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _nonempty),
+    "REDIS_SENTINEL_PASSWORD": ("redis_sentinel_password", _nonempty),
+    "REDIS_SENTINEL_CHECK_SECONDS": ("redis_sentinel_check_seconds", _float_range(0.05, 600)),
 }
 
 # Settings whose empty value means "unset" (e.g. an empty Secret key).
@@ -325,6 +351,10 @@ _OPTIONAL_STRINGS = frozenset(
         "jwks_file",
         "jwt_issuer",
         "jwt_audience",
+        "redis_tls_ca_file",
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
+        "redis_sentinel_password",
     }
 )
 
@@ -547,5 +577,16 @@ def _check_consistency(s: Settings) -> None:
     for name, path in (("JWT_PUBLIC_KEY_FILE", s.jwt_public_key_file), ("JWKS_FILE", s.jwks_file)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(name, path, "file not found")
+    for name, path in (
+        ("REDIS_TLS_CA_FILE", s.redis_tls_ca_file),
+        ("REDIS_TLS_CERT_FILE", s.redis_tls_cert_file),
+        ("REDIS_TLS_KEY_FILE", s.redis_tls_key_file),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(name, path, "file not found")
+    if bool(s.redis_tls_cert_file) != bool(s.redis_tls_key_file):
+        raise ConfigError(
+            "REDIS_TLS_CERT_FILE", s.redis_tls_cert_file, "needs REDIS_TLS_KEY_FILE too (and back)"
+        )
     if s.jwks_url is not None and not s.jwks_url.startswith(("https://", "http://")):
         raise ConfigError("JWKS_URL", s.jwks_url, "expected an http(s) URL")

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -36,6 +35,7 @@ from .config import DurableRule, ExposedStream, Settings
 from .errors import GatewayError
 from .globmatch import glob_match
 from .hub import Hub, Topic
+from .redis_conn import make_client
 from .session import Session
 
 log = structlog.get_logger("redis_ws_gateway.durable")
@@ -69,20 +69,9 @@ class Durable:
         self._hub = hub
         self._rules: tuple[DurableRule, ...] = settings.durable
         self._exposed: dict[str, ExposedStream] = {s.channel: s for s in settings.streams}
-        self.redis = aioredis.from_url(
-            settings.redis_url,
-            username=settings.redis_username,
-            password=settings.redis_password,
-            socket_connect_timeout=settings.redis_connect_timeout_seconds,
-        )
+        self.redis = make_client(settings)
         # XREAD BLOCK holds its connection: it gets one of its own.
-        self._reader = aioredis.from_url(
-            settings.redis_url,
-            username=settings.redis_username,
-            password=settings.redis_password,
-            socket_connect_timeout=settings.redis_connect_timeout_seconds,
-            single_connection_client=True,
-        )
+        self._reader = make_client(settings, single_connection=True)
         self._topics: dict[bytes, tuple[Topic, StreamSpec]] = {}
         self._creating: dict[str, asyncio.Future[Topic]] = {}
         self._task: asyncio.Task[None] | None = None

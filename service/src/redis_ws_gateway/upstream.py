@@ -29,6 +29,8 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
+from .redis_conn import MasterLocator
+
 log = structlog.get_logger("redis_ws_gateway.upstream")
 
 Kind = Literal["channel", "pattern"]
@@ -215,6 +217,8 @@ class Upstream:
         password: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         on_state: Callable[[str], None] | None = None,
+        locator: MasterLocator | None = None,
+        sentinel_check: float = 1.0,
     ) -> None:
         address = RedisAddress.from_url(url)
         # A password from its own setting (a Kubernetes Secret) wins over the URL,
@@ -235,6 +239,9 @@ class Upstream:
         self._client_name = client_name
         self._ssl = ssl_context
         self._on_state = on_state
+        self._locator = locator if locator is not None and locator.via_sentinel else None
+        self._sentinel_check = sentinel_check
+        self._connected_to: tuple[str, int] | None = None
         self._conn: PubSubProtocol | None = None
         self.tracer: Tracer = trace.NoOpTracer()
         self._task: asyncio.Task[None] | None = None
@@ -252,6 +259,8 @@ class Upstream:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._locator is not None:
+            await self._locator.close()
         if self._conn is not None:
             self._conn.abort()
         if self._task is not None:
@@ -323,6 +332,10 @@ class Upstream:
     async def _connect(self) -> PubSubProtocol:
         loop = asyncio.get_running_loop()
         a = self.address
+        if self._locator is not None:
+            host, port = await self._locator.master()
+            a = dataclasses.replace(a, host=host, port=port)
+        self._connected_to = (a.host, a.port)
         conn: PubSubProtocol
         if a.unix_path:
             _, conn = await loop.create_unix_connection(
@@ -337,6 +350,7 @@ class Upstream:
                 a.host,
                 a.port,
                 ssl=ctx if a.tls else None,
+                server_hostname=a.host if a.tls else None,
             )
         try:
             if a.password is not None:
@@ -353,8 +367,21 @@ class Upstream:
         return conn
 
     async def _watch(self, conn: PubSubProtocol) -> str:
-        """Wait until the connection dies or stops answering PING."""
+        """Wait until the connection dies, stops answering PING, or (with
+        Sentinel) stops being the master."""
+        next_master_check = time.monotonic() + self._sentinel_check
         while True:
+            if self._locator is not None and time.monotonic() >= next_master_check:
+                next_master_check = time.monotonic() + self._sentinel_check
+                try:
+                    current = await self._locator.master()
+                except Exception as err:  # sentinels unreachable: keep what works
+                    log.warning("sentinel_query_failed", error=str(err) or type(err).__name__)
+                else:
+                    if current != self._connected_to:
+                        conn.abort()
+                        await conn.closed
+                        return f"sentinel switched master to {current[0]}:{current[1]}"
             done, _ = await asyncio.wait({conn.closed}, timeout=self._health_interval)
             if done:
                 exc = conn.closed.result()
