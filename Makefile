@@ -36,7 +36,7 @@ chart-test: setup
 # Several gateway processes behind a local load balancer, with Redis: the same
 # suite that `make e2e` runs against kind. Also part of `make test`.
 e2e-local: setup
-	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
+	E2E_TARGET=local $(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
 
 # --- kind (needs a Docker engine and kind on the developer's machine) --------
 
@@ -75,7 +75,9 @@ e2e: setup
 	$(need_docker)
 	$(MAKE) kind-up
 	$(MAKE) deploy
-	E2E_TARGET=kind $(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
+	$(HELM) upgrade gw chart --reuse-values -f tests/e2e/values-kind-e2e.yaml --wait --timeout 5m
+	E2E_TARGET=kind E2E_KUBE_CONTEXT=kind-$(KIND_CLUSTER) \
+	  $(VENV)/bin/pytest tests/e2e --timeout 900 $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/redis-ws-gateway bench $(BENCH_ARGS)

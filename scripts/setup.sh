@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh Debian machine, and nothing
-# twice: redis-server (Debian's package), the Python venv in .venv with the
-# package and its dev tools, and helm (built from the Go module proxy into
-# .tools/bin). Safe to run again; each step is skipped when already done.
+# twice: redis-server and haproxy (Debian's packages), the Python venv in
+# .venv with the package and its dev tools, and helm (built from the Go
+# module proxy into .tools/bin). Safe to run again; each step is skipped when
+# already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,9 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+# The local e2e suite (tests/e2e) puts HAProxy in front of several gateways.
+# Debian installs it in /usr/sbin, which is not on a normal user's PATH.
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 if [ "${SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   need_apt+=(chromium)
 fi

@@ -199,7 +199,7 @@ OTEL_TRACES_SAMPLER_ARG: {{ $v.tracing.sampleRatio | toString | quote }}
 {{/* The config file: only the sections that were given. */}}
 {{- define "redis-ws-gateway.configFile" -}}
 {{- $file := dict }}
-{{- range $section := list "roles" "channel_policies" "durable" }}
+{{- range $section := list "roles" "channel_policies" "durable" "streams" "snapshots" }}
 {{- $value := index $.Values.config $section }}
 {{- if not (kindIs "invalid" $value) }}
 {{- $_ := set $file $section $value }}

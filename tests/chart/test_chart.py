@@ -697,3 +697,32 @@ def test_dev_redis_uses_the_official_image_and_its_own_service(
 def test_production_renders_no_dev_redis(production_manifests: list[Manifest]) -> None:
     assert not all_of(production_manifests, "StatefulSet")
     assert settings(production_manifests)["REDIS_URL"].startswith("rediss://")
+
+
+def test_rendered_config_file_is_accepted_by_the_gateway(helm: Helm, tmp_path: Path) -> None:
+    """The chart's config.yaml must parse with the gateway's own loader, so a
+    values file the schema accepts never makes the pods exit at start."""
+    from redis_ws_gateway.config import load_settings
+
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "config": {
+                    "roles": {"admin": {"allow": ["*"]}, "user": {"allow": ["market:*"]}},
+                    "channel_policies": [{"pattern": "market:*", "policy": "conflate"}],
+                    "durable": [{"pattern": "engine:decision:*", "maxlen": 5000}],
+                    "streams": [{"channel": "orders:fills", "key": "fills", "field": "data"}],
+                    "snapshots": [{"pattern": "market:tick:*", "key": "market:last:{suffix}"}],
+                }
+            }
+        )
+    )
+    manifests = render(helm, "-f", str(values))
+    [configmap] = [m for m in all_of(manifests, "ConfigMap") if "config.yaml" in m["data"]]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(configmap["data"]["config.yaml"])
+    s = load_settings({"REDIS_WS_GATEWAY_CONFIG": str(config_file)})
+    assert [r.pattern for r in s.durable] == ["engine:decision:*"] and s.durable[0].maxlen == 5000
+    assert s.streams[0].key == "fills" and s.snapshots[0].key == "market:last:{suffix}"
+    assert s.roles["user"].allow == ("market:*",)

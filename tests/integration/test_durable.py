@@ -413,3 +413,37 @@ async def test_resume_on_another_gateway_after_a_kill(
                 proc.kill()
                 await proc.wait()
     assert seen == published  # exactly once, in order, across the kill
+
+
+async def test_resume_ahead_of_this_pods_reader_is_not_delivered_twice(
+    durable_gateway: RunningGateway, redis_client: aioredis.Redis
+) -> None:
+    """A client resumes on a pod whose reader has not yet read as far as the
+    client's offset (the client came from another pod)."""
+    channel = "engine:decision:AHEAD"
+    durable = durable_gateway.gateway.durable
+    async with GatewayClient(durable_gateway.url) as first:
+        await first.subscribe(channel)  # the topic exists; its cursor is the stream's end
+        # Freeze this pod's reader, then let the stream move on without it.
+        assert durable._task is not None
+        durable._task.cancel()
+        await asyncio.gather(durable._task, return_exceptions=True)
+        ids = [await xadd(redis_client, channel, {"i": i}) for i in range(10)]
+        async with GatewayClient(durable_gateway.url) as late:
+            request = asyncio.create_task(
+                late.request("subscribe", channels=[{"channel": channel, "since": ids[5]}])
+            )
+            await asyncio.sleep(0)
+            durable.start()  # the reader resumes from its old cursor
+            reply = await request
+            assert reply["subscriptions"][0]["complete"] is True
+            await xadd(redis_client, channel, {"i": 10})
+            got = []
+            while len(got) < 5:
+                got.append((await late.next_of_type("data"))["data"]["i"])
+            await late.ping()
+            while not late.messages.empty():
+                frame = late.messages.get_nowait()
+                if frame.get("type") == "data":
+                    got.append(frame["data"]["i"])
+    assert got == [6, 7, 8, 9, 10]

@@ -76,6 +76,7 @@ class Durable:
         self._creating: dict[str, asyncio.Future[Topic]] = {}
         self._task: asyncio.Task[None] | None = None
         self._replays = asyncio.Semaphore(settings.replay_concurrency)
+        self._wake = asyncio.Event()
         self.reader_up = False
         self.replays = 0
         self.replayed_entries = 0
@@ -146,6 +147,7 @@ class Durable:
             topic = self._hub.durable_topic(spec.channel)
             topic.cursor = latest[0][0] if latest else b"0-0"
             self._topics[raw] = (topic, spec)
+            self._wake.set()
             fut.set_result(topic)
             return topic
         except BaseException as exc:
@@ -253,6 +255,15 @@ class Durable:
         replayed = 0
         batch = self._settings.replay_batch
         channel = spec.channel.encode()
+        deadline = time.monotonic() + self._settings.subscribe_timeout_seconds
+        while parse_id(last) > parse_id(topic.cursor) and time.monotonic() < deadline:
+            # The client has seen entries this pod's reader has not read yet
+            # (it resumed from another pod): attaching now would deliver them
+            # a second time. The reader catches up within one read.
+            self._wake.set()
+            await asyncio.sleep(0.005)
+            if session.closing:
+                return replayed
         while True:
             if session.closing:
                 return replayed
@@ -296,7 +307,8 @@ class Durable:
         while True:
             streams: Any = {spec.key: topic.cursor for topic, spec in self._topics.values()}
             if not streams:
-                await asyncio.sleep(_BLOCK_MS / 1000)
+                await self._wake.wait()
+                self._wake.clear()
                 continue
             try:
                 reply: Any = await self._reader.xread(streams, count=1000, block=_BLOCK_MS)

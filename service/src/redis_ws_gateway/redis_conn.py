@@ -75,10 +75,9 @@ def make_client(settings: Settings, *, single_connection: bool = False) -> aiore
     """A request/response client (streams, snapshots, publish)."""
     s = sentinel(settings)
     if s is not None:
-        # Re-discovers the master through the sentinels after a failover.
-        client: aioredis.Redis = s.master_for(
-            settings.redis_sentinel_master, single_connection_client=single_connection
-        )
+        # Re-discovers the master through the sentinels after a failover. Its
+        # pool hands a blocking XREAD a connection of its own anyway.
+        client: aioredis.Redis = s.master_for(settings.redis_sentinel_master)
         return client
     u = urlparse(settings.redis_url)
     if u.scheme == "unix":

@@ -77,6 +77,12 @@ class RedisAddress:
         return self.unix_path or f"{self.host}:{self.port}"
 
 
+def _where(address: RedisAddress, connected: tuple[str, int] | None) -> str:
+    if connected is not None and not address.unix_path:
+        return f"{connected[0]}:{connected[1]}"
+    return address.describe()
+
+
 class _Expect:
     """One outstanding command, answered by exactly one reply."""
 
@@ -304,7 +310,7 @@ class Upstream:
                 sleep_for = random.uniform(delay / 2, delay)
                 log.warning(
                     "upstream_connect_failed",
-                    redis=self.address.describe(),
+                    redis=_where(self.address, self._connected_to),
                     error=str(exc) or type(exc).__name__,
                     retry_in=round(sleep_for, 3),
                 )
@@ -317,14 +323,18 @@ class Upstream:
             first = False
             self._conn = conn
             self.connected.set()
-            log.info("upstream_up", redis=self.address.describe(), reconnects=self.reconnects)
+            log.info(
+                "upstream_up",
+                redis=_where(self.address, self._connected_to),
+                reconnects=self.reconnects,
+            )
             if self._on_state:
                 self._on_state("up")
             self._listener.on_upstream_up()
             reason = await self._watch(conn)
             self.connected.clear()
             self._conn = None
-            log.warning("upstream_down", redis=self.address.describe(), reason=reason)
+            log.warning("upstream_down", redis=_where(self.address, self._connected_to), reason=reason)
             if self._on_state:
                 self._on_state("down")
             self._listener.on_upstream_down()
@@ -332,6 +342,7 @@ class Upstream:
     async def _connect(self) -> PubSubProtocol:
         loop = asyncio.get_running_loop()
         a = self.address
+        self._connected_to = None
         if self._locator is not None:
             host, port = await self._locator.master()
             a = dataclasses.replace(a, host=host, port=port)
