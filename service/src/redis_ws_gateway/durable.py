@@ -35,7 +35,7 @@ from .config import DurableRule, ExposedStream, Settings
 from .errors import GatewayError
 from .globmatch import glob_match
 from .hub import Hub, Topic
-from .redis_conn import make_client
+from .redis_conn import close_client, make_client
 from .session import Session
 
 log = structlog.get_logger("redis_ws_gateway.durable")
@@ -110,8 +110,8 @@ class Durable:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._reader.aclose()
-        await self.redis.aclose()
+        await close_client(self._reader)
+        await close_client(self.redis)
 
     # --- publishing --------------------------------------------------------------
 

@@ -114,4 +114,15 @@ class MasterLocator:
     async def close(self) -> None:
         if self._sentinel is not None:
             for s in self._sentinel.sentinels:
-                await s.aclose()
+                await s.aclose(close_connection_pool=True)
+
+
+async def close_client(client: aioredis.Redis) -> None:
+    """Close a client from make_client with every connection it opened,
+    including a Sentinel-managed pool and its connections to the sentinels."""
+    pool = client.connection_pool
+    await client.aclose(close_connection_pool=True)
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:
+        for s in manager.sentinels:
+            await s.aclose(close_connection_pool=True)

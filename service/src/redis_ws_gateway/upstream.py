@@ -304,7 +304,10 @@ class Upstream:
                     attributes={"server.address": self.address.describe(), "reconnect": not first},
                 ):
                     conn = await asyncio.wait_for(self._connect(), self._connect_timeout)
-            except (OSError, TimeoutError, UpstreamError, ssl.SSLError) as exc:
+            except Exception as exc:
+                # Anything at all (refused, TLS, AUTH, no master known to the
+                # sentinels yet...): this loop is what keeps the pod healing,
+                # so it must never die of an error it did not foresee.
                 # Full jitter keeps a fleet of pods from reconnecting in step
                 # after a Redis restart.
                 sleep_for = random.uniform(delay / 2, delay)
@@ -334,7 +337,9 @@ class Upstream:
             reason = await self._watch(conn)
             self.connected.clear()
             self._conn = None
-            log.warning("upstream_down", redis=_where(self.address, self._connected_to), reason=reason)
+            log.warning(
+                "upstream_down", redis=_where(self.address, self._connected_to), reason=reason
+            )
             if self._on_state:
                 self._on_state("down")
             self._listener.on_upstream_down()
