@@ -80,43 +80,18 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, dict[str, str]]]:
     srv_cert, srv_key = _cert("127.0.0.1", ca_key, ca_cert.subject, ca=False)
     srv_crt, srv_pem = _write(tmp_path / "server", srv_cert, srv_key)
     port = free_port()
-    server = RedisServer(
-        port=port,
-        # fmt: off
-        extra_args=[
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--tls-cert-file",
-            str(srv_crt),
-            "--tls-key-file",
-            str(srv_pem),
-            "--tls-ca-cert-file",
-            str(ca_crt),
-            "--tls-auth-clients",
-            "no",
-            # An ACL user for the gateway, and one restricted to market:* channels.
-            "--user",
-            "default",
-            "off",
-            "--user",
-            "gateway",
-            "on",
-            ">gw-pass",
-            "~*",
-            "&*",
-            "+@all",
-            "--user",
-            "narrow",
-            "on",
-            ">narrow-pass",
-            "~*",
-            "resetchannels",
-            "&market:*",
-            "+@all",
-        ],
-    )
+    # fmt: off
+    args = [
+        "--port", "0", "--tls-port", str(port),
+        "--tls-cert-file", str(srv_crt), "--tls-key-file", str(srv_pem),
+        "--tls-ca-cert-file", str(ca_crt), "--tls-auth-clients", "no",
+        # An ACL user for the gateway, and one restricted to market:* channels.
+        "--user", "default", "off",
+        "--user", "gateway", "on", ">gw-pass", "~*", "&*", "+@all",
+        "--user", "narrow", "on", ">narrow-pass", "~*", "resetchannels", "&market:*", "+@all",
+    ]
+    # fmt: on
+    server = RedisServer(port=port, extra_args=args)
     # wait_ready speaks plain TCP; over TLS just wait for the port.
     server.wait_ready = lambda timeout: _wait_port(port, timeout)  # type: ignore[method-assign]
     server.start()
