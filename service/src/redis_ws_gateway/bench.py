@@ -9,7 +9,8 @@ describes them and holds the latest results.
 
 Process layout with 2+ CPUs: the gateway alone on CPU 0; this process (the
 receivers), redis-server, the publisher and the helper processes on CPU 1, so
-that what the gateway costs is not blurred by what measuring it costs.
+that what the gateway costs is not blurred by what measuring it costs. The
+kernel-floor writer runs on CPU 0 too: it stands for the gateway's writes.
 
 The receivers must be far cheaper per frame than the gateway they measure, so
 they are bare asyncio Protocols: they scan WebSocket frame headers and slice
@@ -68,6 +69,12 @@ UNIT_SHIFT: Final = 10
 WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PR_SET_PDEATHSIG: Final = 1
+
+# Which copy of the package ran (a checkout, an installed one, a snapshot).
+SOURCE_DIR: Final = os.path.dirname(os.path.abspath(__file__))
+
+GENERATOR_LIMIT_UTIL: Final = 0.7
+CPU1_LIMIT_BUSY: Final = 0.9
 
 GATEWAY_CPU: Final = 0
 BENCH_CPU: Final = 1
@@ -1233,8 +1240,7 @@ class Options:
     concurrency: int
     sources: int
     seed: int
-    w5_buffer: int
-    w5_high_water: int
+    retries: int
 
 
 class Bench:
@@ -1321,9 +1327,13 @@ class Bench:
         pub = Publisher()
         await pub.prepare(self.redis_url, channels, rate, duration)
         stop_slow = asyncio.Event()
-        slow_task = None
+        slow_task: asyncio.Task[None] | None = None
+        sampler: asyncio.Task[None] | None = None
+        queues: dict[str, int] = {"max_total_bytes": 0, "max_socket_bytes": 0}
         if slow:
             slow_task = asyncio.create_task(_slow_readers(slow, *slow_cycle, stop_slow))
+            port = target.ws.port
+            sampler = asyncio.create_task(_sample_send_queues(port, queues, stop_slow))
         before = snap(target, self.redis_child)
         run = asyncio.create_task(pub.run())
         extra = asyncio.create_task(on_running()) if on_running is not None else None
@@ -1342,8 +1352,9 @@ class Bench:
         finally:
             pub.kill()
             stop_slow.set()
-            if slow_task is not None:
-                await slow_task
+            for task in (slow_task, sampler):
+                if task is not None:
+                    await task
         counts: dict[str, int] = result["counts"]
         expected = [sum(counts.get(c, 0) for c in r.channels) for r in receivers]
         total_expected = sum(expected)
@@ -1363,9 +1374,12 @@ class Bench:
         if extra is not None:
             with contextlib.suppress(Exception):
                 await extra
-        return self._step_result(
+        res = self._step_result(
             target, receivers, groups, base, expected, result, before, after, label, rate, duration
         )
+        if slow:
+            res["kernel_send_queue"] = queues
+        return res
 
     def _step_result(
         self,
@@ -1450,20 +1464,23 @@ class Bench:
         }
         flags = []
         # What other processes of this shared machine took from each CPU: busy
-        # less softirq (our own loopback traffic) less the bench's processes.
+        # less the bench's own processes (whose CPU time includes the softirq
+        # work done on their behalf, as the kernel floor's does).
         if len(cpus) > BENCH_CPU and t_cpu is not None:
             mine1 = me + (r_cpu or 0.0) + float(pub["cpu_s"])
             others = [
-                round(max(0.0, c["busy"] - c["softirq"] - mine / wall), 3)
+                round(max(0.0, c["busy"] - mine / wall), 3)
                 for c, mine in ((cpus[GATEWAY_CPU], t_cpu), (cpus[BENCH_CPU], mine1))
             ]
             out["others_share"] = others
             if max(others) >= 0.15:
                 flags.append("noisy-neighbours")
-        if me / wall >= 0.85:
+        # The receivers share CPU 1 with the publisher and Redis: once the
+        # generator nears a core, or CPU 1 is nearly full, frames wait in
+        # socket buffers for it and latency is partly the generator's own.
+        cpu1_busy = cpu_busy[BENCH_CPU] if len(cpu_busy) > BENCH_CPU else me / wall
+        if me / wall >= GENERATOR_LIMIT_UTIL or cpu1_busy >= CPU1_LIMIT_BUSY:
             flags.append("generator-limited")
-        if len(cpu_busy) > BENCH_CPU and cpu_busy[BENCH_CPU] >= 0.95:
-            flags.append("cpu1-saturated")
         if pub["max_behind_ms"] > 100:
             flags.append("publisher-behind")
         if t_cpu is not None and t_cpu / wall >= 0.9:
@@ -1509,53 +1526,91 @@ class Bench:
         if slow_clients:
             groups.append(slow_group)
             for _ in range(slow_clients):
-                # A small receive buffer makes the kernel stop absorbing
-                # within a pause, so the gateway's own backlog is exercised.
+                # A small receive buffer, so that what a stalled client holds
+                # back sits in the gateway's socket rather than ours.
                 plan.append((tuple(channels[:per_client]), slow_group, 4096))
-        target = await self.target(kind, name, env)
-        log(f"{name} against {kind} ({target.url}, pid {target.pid})")
-        receivers: list[Receiver] = []
         results: dict[str, Any] = {
             "workload": name,
             "target": kind,
             "clients": clients,
             "slow_clients": slow_clients,
+            "slow_cycle_s": list(slow_cycle) if slow_clients else None,
             "channels": nchannels,
             "channels_per_client": per_client,
-            "target_env": {k: v for k, v in target.env.items() if k not in ("REDIS_URL",)},
             "steps": [],
         }
+        for rate, duration in steps:
+            label = f"{name} {kind} {int(rate)}/s"
+            attempts: list[dict[str, Any]] = []
+            for attempt in range(1 + self.o.retries):
+                if attempt:
+                    log(f"  {label}: neighbours took CPU during the window, repeating")
+                res = await self._attempt(
+                    kind, name, plan, groups, slow_group, channels, rate, duration,
+                    slow_cycle, env, profile=profile_rate == rate and attempt == 0,
+                )  # fmt: skip
+                if "profile" in res:
+                    results["profile"] = res.pop("profile")
+                attempts.append(res)
+                results["hwm_kb"] = max(results.get("hwm_kb", 0), res["hwm_kb_after_step"] or 0)
+                if "noisy-neighbours" not in res["flags"]:
+                    break
+            # A shared machine: keep the window the neighbours disturbed least.
+            res = min(attempts, key=lambda r: max(r.get("others_share") or [0.0]))
+            res["attempts"] = [_attempt_brief(r) for r in attempts]
+            results["steps"].append(res)
+            results["target_env"] = res.pop("target_env")
+        return results
+
+    async def _attempt(
+        self,
+        kind: str,
+        name: str,
+        plan: Sequence[tuple[tuple[str, ...], Group, int | None]],
+        groups: Sequence[Group],
+        slow_group: Group,
+        channels: Sequence[str],
+        rate: float,
+        duration: float,
+        slow_cycle: tuple[float, float],
+        env: dict[str, str] | None,
+        profile: bool,
+    ) -> dict[str, Any]:
+        """One measured step on a fresh target process and fresh connections:
+        a target that fell behind must not carry its backlog into the next
+        rate or attempt, and peak RSS is per step."""
+        target = await self.target(kind, f"{name}-{int(rate)}", env)
+        log(f"{name} against {kind} ({target.url}, pid {target.pid})")
+        receivers: list[Receiver] = []
         try:
             rss0 = target.status_kb("VmRSS")
             receivers = await self.connect(target, plan, f"{name}/{kind}")
             await self.wait_numsub(channels)
+            rss1 = target.status_kb("VmRSS")
             slow = [r for r in receivers if r.group is slow_group]
-            results["rss_kb_before_connect"] = rss0
-            results["rss_kb_after_connect"] = target.status_kb("VmRSS")
             # Warm-up, not measured: first-message allocations and caches.
             await self.step(
-                target, receivers, groups, channels, min(steps[0][0], 1000), 0.5, f"{name} warm-up"
+                target, receivers, groups, channels, min(rate, 1000), 0.5, f"{name} warm-up"
             )
-            for rate, duration in steps:
-                label = f"{name} {kind} {int(rate)}/s"
-                res = await self.step(
-                    target, receivers, groups, channels, rate, duration, label,
-                    slow=slow, slow_cycle=slow_cycle, drain_max=10.0 if slow else 5.0,
-                )  # fmt: skip
-                results["steps"].append(res)
-                if profile_rate is not None and rate == profile_rate:
-                    prof = await self.profiled_step(
-                        target, receivers, groups, channels, rate, duration, name
-                    )
-                    if prof is not None:
-                        results["profile"] = prof
-                await asyncio.sleep(0.5)
-            results["hwm_kb"] = target.status_kb("VmHWM")
+            res = await self.step(
+                target, receivers, groups, channels, rate, duration, f"{name} {kind} {int(rate)}/s",
+                slow=slow, slow_cycle=slow_cycle, drain_max=10.0 if slow else 5.0,
+            )  # fmt: skip
+            res["rss_kb_before_connect"] = rss0
+            res["rss_kb_after_connect"] = rss1
+            res["hwm_kb_after_step"] = target.status_kb("VmHWM")
+            res["target_env"] = {k: v for k, v in target.env.items() if k != "REDIS_URL"}
+            if profile:
+                prof = await self.profiled_step(
+                    target, receivers, groups, channels, rate, duration, name
+                )
+                if prof is not None:
+                    res["profile"] = prof
+            return res
         finally:
             close_all(receivers)
             await asyncio.sleep(0.3)
             stop_target(target)
-        return results
 
     async def profiled_step(
         self,
@@ -1709,10 +1764,6 @@ class Bench:
             "per_client": 1,
             "steps": [(50, 2.0)] if q else [(100, 15.0)],
         }
-        env5 = {
-            "OUTBOUND_BUFFER_BYTES": str(self.o.w5_buffer),
-            "OUTBOUND_HIGH_WATER_BYTES": str(self.o.w5_high_water),
-        }
         return {
             "W1": w1,
             "W2": {
@@ -1733,8 +1784,7 @@ class Bench:
             "W5": {
                 **w1,
                 "slow_clients": max(1, w1["clients"] // 10),
-                "slow_cycle": (0.5, 0.25) if q else (2.5, 0.5),
-                "env": env5,
+                "slow_cycle": (0.5, 0.25) if q else (4.0, 0.5),
             },
         }
 
@@ -1748,6 +1798,7 @@ class Bench:
             if len(sys.argv) > 1 and sys.argv[1] == "bench"
             else " ".join(sys.argv),
             "machine": machine_info(),
+            "gateway_source": SOURCE_DIR,
             "options": {
                 "workloads": self.o.workloads,
                 "quick": self.o.quick,
@@ -1761,10 +1812,9 @@ class Bench:
             self.redis_child, self.redis_url = start_redis(self.workdir)
             report["redis_pid"] = self.redis_child.pid
         log(f"bench: redis {self.redis_url}; output {self.workdir}")
+        floor_args = (0.3, 10) if self.o.quick else (2.0, 1000)
         if self.o.floor:
-            report["floor"] = await measure_floor(
-                0.3 if self.o.quick else 2.0, 10 if self.o.quick else 1000
-            )
+            report["floor"] = {"start": await measure_floor(*floor_args)}
         kinds = ["gateway"] + (["naive"] if self.o.compare_naive else [])
         plans = self.plans()
         for wl in self.o.workloads:
@@ -1778,11 +1828,51 @@ class Bench:
                         p.pop("env", None)
                         p.pop("profile_rate", None)
                     report["results"].append(await self.fanout(kind, wl, **p))
+        if self.o.floor:
+            # Again at the end: neighbours move the floor too, so the ratio
+            # uses the mean of two measurements that bracket the workloads.
+            report["floor"]["end"] = await measure_floor(*floor_args)
+            ends = [report["floor"][k]["one_frame"]["cpu_us_per_write"] for k in ("start", "end")]
+            report["floor"]["one_frame_us"] = round(sum(ends) / 2, 3)
         report["nofile"] = self.nofile
         report["notes"] = self.notes
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         report["assessment"] = assess(report)
         return report
+
+
+def tcp_send_queues(port: int) -> list[int]:
+    """Bytes the kernel holds unsent, per established IPv4 socket whose local
+    port is ``port`` (the server side of every client connection)."""
+    out = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                out.append(int(parts[4].split(":")[0], 16))
+    return out
+
+
+async def _sample_send_queues(port: int, into: dict[str, int], stop: asyncio.Event) -> None:
+    # A stalled loopback peer lets the kernel queue megabytes per socket
+    # (send-buffer autotuning) before the gateway's own backlog sees any.
+    while not stop.is_set():
+        q = tcp_send_queues(port)
+        if q:
+            into["max_total_bytes"] = max(into["max_total_bytes"], sum(q))
+            into["max_socket_bytes"] = max(into["max_socket_bytes"], max(q))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+def _attempt_brief(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "others_share": r.get("others_share"),
+        "lost": r["lost"],
+        "p99_ms": r["groups"]["fast"]["latency"]["p99_ms"],
+        "cpu_us_per_delivery": r["target"]["cpu_us_per_delivery"],
+    }
 
 
 async def _slow_readers(
@@ -1899,6 +1989,16 @@ def _step_at(report: dict[str, Any], wl: str, kind: str, rate: float) -> dict[st
     return None
 
 
+def _mean_floor(report: dict[str, Any], variant: str) -> float | None:
+    floor = report.get("floor", {})
+    values = [
+        floor[w][variant]["cpu_us_per_write"]
+        for w in ("start", "end")
+        if variant in floor.get(w, {})
+    ]
+    return round(sum(values) / len(values), 3) if values else None
+
+
 def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets against this run's numbers (full-scale runs)."""
     out: list[dict[str, Any]] = []
@@ -1906,7 +2006,8 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
     def add(name: str, target: str, actual: str, ok: bool | None) -> None:
         out.append({"target": name, "goal": target, "actual": actual, "met": ok})
 
-    floor = report.get("floor", {}).get("one_frame", {}).get("cpu_us_per_write")
+    floor = report.get("floor", {}).get("one_frame_us")
+    fanout = _mean_floor(report, "one_frame_1000_sockets")
     w1 = _steps(report, "W1", "gateway")
     if w1:
         us = w1[0]["target"]["cpu_us_per_delivery"]
@@ -1917,6 +2018,15 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "<= 1.15x",
                 f"{us:.2f} us = {ratio:.2f}x of {floor:.2f} us",
                 ratio <= 1.15,
+            )
+        if fanout and us is not None:
+            # W1 writes each message to 1000 different sockets; a floor that
+            # writes to one hot socket flatters the kernel's share.
+            add(
+                "W1 CPU/delivery vs floor over 1000 sockets",
+                "<= 1.15x",
+                f"{us:.2f} us = {us / fanout:.2f}x of {fanout:.2f} us",
+                us / fanout <= 1.15,
             )
         add("W1 loss", "0", str(w1[0]["lost"]), w1[0]["lost"] == 0)
     for rate, p99_goal, us_goal in ((5000, 5.0, 1.5), (10000, None, 1.0)):
@@ -2012,16 +2122,26 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     floor = report.get("floor")
+    floor_us = (floor or {}).get("one_frame_us")
     if floor:
         lines += ["## Kernel floor (loopback write, writer on the gateway's CPU)", ""]
-        lines += ["| variant | bytes/write | CPU us/write | CPU us/frame |", "|---|---:|---:|---:|"]
-        for name, f in floor.items():
-            lines.append(
-                f"| {name} | {f['size']} | {f['cpu_us_per_write']:.2f}"
-                f" | {f['cpu_us_per_frame']:.2f} |"
-            )
-        lines.append("")
-    floor_us = (floor or {}).get("one_frame", {}).get("cpu_us_per_write")
+        lines += [
+            "| when | variant | bytes/write | sockets | CPU us/write | CPU us/frame |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for when in ("start", "end"):
+            for name, f in floor.get(when, {}).items():
+                lines.append(
+                    _row(
+                        when,
+                        name,
+                        f["size"],
+                        f["sockets"],
+                        f"{f['cpu_us_per_write']:.2f}",
+                        f"{f['cpu_us_per_frame']:.2f}",
+                    )
+                )
+        lines += ["", f"Floor used for ratios (mean of start and end): {floor_us} us.", ""]
     lines += [
         "## Fan-out workloads",
         "",
@@ -2067,6 +2187,16 @@ def markdown(report: dict[str, Any]) -> str:
                     )
                 )
     lines.append("")
+    for r in report["results"]:
+        for s in r.get("steps", []):
+            q = s.get("kernel_send_queue")
+            if q:
+                lines.append(
+                    f"{r['workload']}/{r['target']}: bytes the kernel held unsent on the"
+                    f" gateway's sockets, peak over the window: {q['max_total_bytes']} in total,"
+                    f" {q['max_socket_bytes']} on one socket (not part of the gateway's RSS)."
+                )
+                lines.append("")
     idle = [r for r in report["results"] if r["workload"] == "W3"]
     if idle:
         lines += [
@@ -2165,9 +2295,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=200, help="connections opened at once")
     p.add_argument("--sources", type=int, default=4, help="127.0.0.x source addresses to use")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--w5-buffer-bytes", type=int, default=32768, help="OUTBOUND_BUFFER_BYTES in W5")
     p.add_argument(
-        "--w5-high-water-bytes", type=int, default=8192, help="OUTBOUND_HIGH_WATER_BYTES in W5"
+        "--retries",
+        type=int,
+        default=1,
+        help="repeat a step this often when other processes took CPU during it (default: 1)",
     )
 
 
@@ -2197,8 +2329,7 @@ def _options(args: argparse.Namespace) -> Options:
         concurrency=max(1, int(args.concurrency)),
         sources=max(1, int(args.sources)),
         seed=int(args.seed),
-        w5_buffer=int(args.w5_buffer_bytes),
-        w5_high_water=int(args.w5_high_water_bytes),
+        retries=max(0, int(args.retries)),
     )
 
 

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import signal
+import sys
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -30,6 +31,7 @@ class NaiveGateway:
         self.subscribers: dict[str, set[web.WebSocketResponse]] = {}
         self.seq: dict[str, int] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.subscribing = asyncio.Lock()
 
     async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -69,12 +71,16 @@ class NaiveGateway:
             if channel not in self.subscribers:
                 self.subscribers[channel] = set()
                 self.seq.setdefault(channel, 0)
-                await self.pubsub.subscribe(channel)
+                # Concurrent first subscribes would each open their own Redis
+                # connection, and listen() reads only one of them.
+                async with self.subscribing:
+                    await self.pubsub.subscribe(channel)
+                if self.reader is None:
+                    # listen() fails unless a SUBSCRIBE has gone out first.
+                    self.reader = asyncio.create_task(self.listen())
+                    self.reader.add_done_callback(_report_death)
             self.subscribers[channel].add(ws)
             mine.add(channel)
-        if self.reader is None:
-            # listen() refuses to run before the first subscription.
-            self.reader = asyncio.create_task(self.listen())
         subs = [
             {"channel": c, "epoch": "naive", "seq": self.seq[c], "live": True} for c in channels
         ]
@@ -106,6 +112,11 @@ class NaiveGateway:
             self.reader.cancel()
         await self.pubsub.aclose()  # type: ignore[no-untyped-call]
         await self.redis.aclose()
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        print(f"bench_naive: reader died: {task.exception()!r}", file=sys.stderr, flush=True)
 
 
 async def serve(host: str, port: int, redis_url: str) -> None:

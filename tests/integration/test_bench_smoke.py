@@ -1,0 +1,54 @@
+"""The load generator end to end at a tiny scale: it starts its own Redis and
+gateway, delivers, measures and writes its reports. A functional test of the
+tool, not a performance assertion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("redis-ws-gateway")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "redis_ws_gateway"]
+
+
+@pytest.mark.timeout(60)
+def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [*_command(), "bench", "--workload", "W1", "--quick", "--retries", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sent=" in proc.stderr and "recv=" in proc.stderr  # per-second progress
+
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().startswith("# Bench report")
+    [w1] = [r for r in report["results"] if r["workload"] == "W1"]
+    assert w1["target"] == "gateway" and w1["clients"] == 20
+    [step] = w1["steps"]
+    assert step["published"] == 100  # 50 msg/s for 2 s
+    assert step["expected"] == 20 * 100
+    assert step["received"] == step["expected"]
+    assert step["lost"] == 0
+    assert step["groups"]["fast"]["latency"]["samples"] == step["received"]
+    assert step["groups"]["fast"]["latency"]["p99_ms"] > 0
+    assert step["target"]["cpu_s"] > 0
+    assert step["target"]["cpu_us_per_delivery"] > 0
+    assert step["target"]["hwm_kb"] > 0
+    assert step["generator"]["cpu_us_per_frame"] > 0
+    assert step["redis"]["cpu_s"] > 0
+    floor = report["floor"]
+    assert floor["start"]["one_frame"]["cpu_us_per_write"] > 0
+    assert floor["one_frame_us"] > 0
