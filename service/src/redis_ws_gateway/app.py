@@ -10,10 +10,13 @@ window, and the process exits within a bounded time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import random
+import resource
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -218,6 +221,12 @@ class Gateway:
         transport = request.transport
         if transport is None:
             return ws
+        sock = transport.get_extra_info("socket")
+        if s.socket_send_buffer_bytes and sock is not None:
+            # Bounds what the kernel queues for a stalled client: without it a
+            # loopback or LAN socket can hold megabytes before the gateway sees
+            # any backpressure, outside OUTBOUND_BUFFER_BYTES.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.socket_send_buffer_bytes)
         session = Session(
             f"{self._prefix}-{next(self._ids)}",
             transport,
@@ -756,8 +765,31 @@ def _counted_user(principal: Principal) -> str | None:
     return principal.user if principal.via in ("jwt", "api_key") else None
 
 
+def _fit_fd_limit(settings: Settings) -> Settings:
+    """Raise the open-file limit to its hard maximum, and cap MAX_CONNECTIONS
+    below it: past the limit the event loop would accept and drop sockets
+    silently, which is worse than a 503 the client can act on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return settings
+    usable = max(1, soft - 128)  # Redis connections, log and config files, listeners
+    if settings.max_connections > usable:
+        log.warning(
+            "max_connections_capped_by_fd_limit",
+            configured=settings.max_connections,
+            effective=usable,
+            nofile=soft,
+        )
+        return dataclasses.replace(settings, max_connections=usable)
+    return settings
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit within the shutdown timeout."""
+    settings = _fit_fd_limit(settings)
     provider = provider_from_env()
     gateway = Gateway(settings, provider)
     await gateway.start()

@@ -151,6 +151,7 @@ class Settings:
     replay_batch: int = 500
     replay_concurrency: int = 8
     publish_max_bytes: int = 1_048_576
+    socket_send_buffer_bytes: int = 262_144
     trace_delivery_sample_rate: float = 0.01
     redis_tls_ca_file: str | None = None
     redis_tls_cert_file: str | None = None
@@ -327,6 +328,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DURABLE_REPLAY_BATCH": ("replay_batch", _int_range(1, 100_000)),
     "DURABLE_REPLAY_CONCURRENCY": ("replay_concurrency", _int_range(1, 10_000)),
     "PUBLISH_MAX_BYTES": ("publish_max_bytes", _int_range(1, 64 * 1024 * 1024)),
+    "SOCKET_SEND_BUFFER_BYTES": ("socket_send_buffer_bytes", _int_range(0, 64 * 1024 * 1024)),
     "TRACE_DELIVERY_SAMPLE_RATE": ("trace_delivery_sample_rate", _float_range(0, 1)),
     "REDIS_TLS_CA_FILE": ("redis_tls_ca_file", _nonempty),
     "REDIS_TLS_CERT_FILE": ("redis_tls_cert_file", _nonempty),

@@ -32,7 +32,6 @@ _unique = itertools.count()
 class Session:
     __slots__ = (
         "_close_cb",
-        "_high_water",
         "_limit",
         "_on_dirty",
         "_on_lagging",
@@ -45,6 +44,7 @@ class Session:
         "dropped",
         "frames_sent",
         "held",
+        "high_water",
         "id",
         "lag_since",
         "lagging",
@@ -90,7 +90,7 @@ class Session:
         self.opened_at = time.time()
         self.writable: asyncio.Event | None = None
         self._limit = buffer_limit
-        self._high_water = high_water
+        self.high_water = high_water
         self._on_dirty = on_dirty
         self._on_lagging = on_lagging
         self._close_cb = close
@@ -121,7 +121,11 @@ class Session:
             return
         transport.write(data)
         self.bytes_sent += len(data)
-        if transport.get_write_buffer_size() > self._high_water and not self.lagging:
+        if transport.get_write_buffer_size() > self.high_water:
+            self.start_lagging()
+
+    def start_lagging(self) -> None:
+        if not self.lagging:
             self.lagging = True
             self.lag_since = time.monotonic()
             self._on_lagging(self)
@@ -236,12 +240,12 @@ class Session:
             return True
         if self.held:
             return False
-        if transport.get_write_buffer_size() > self._high_water // 2:
+        if transport.get_write_buffer_size() > self.high_water // 2:
             if grace and now - self.lag_since > grace and self._holds_undroppable():
                 self.close(CLOSE_SLOW_CONSUMER, "slow consumer: lagging too long")
                 return True
             return False
-        budget = self._high_water
+        budget = self.high_water
         chunk: list[bytes] = []
         while self.backlog and budget > 0:
             _, (frame, _) = self.backlog.popitem(last=False)
@@ -253,7 +257,7 @@ class Session:
             data = b"".join(chunk)
             transport.write(data)
             self.bytes_sent += len(data)
-        if self.backlog or transport.get_write_buffer_size() > self._high_water:
+        if self.backlog or transport.get_write_buffer_size() > self.high_water:
             return False
         self.lagging = False
         self._set_writable()
