@@ -183,6 +183,25 @@ DEFAULT_ROLE: {{ $v.gateway.defaultRole | quote }}
 MAX_CHANNELS_PER_CLIENT: {{ $v.gateway.maxChannelsPerClient | int | toString | quote }}
 MAX_WILDCARD_SUBSCRIPTIONS: {{ $v.gateway.maxWildcardSubscriptions | int | toString | quote }}
 MAX_CONNECTION_AGE_SECONDS: {{ $v.gateway.maxConnectionAgeSeconds | int | toString | quote }}
+{{- with $v.externalRedis }}
+{{- if and (not $v.redis.enabled) .username }}
+REDIS_USERNAME: {{ .username | quote }}
+{{- end }}
+{{- if and (not $v.redis.enabled) .sentinels }}
+REDIS_SENTINELS: {{ join "," .sentinels | quote }}
+REDIS_SENTINEL_MASTER: {{ .sentinelMaster | quote }}
+{{- end }}
+{{- if and (not $v.redis.enabled) .tls.caSecret }}
+REDIS_TLS_CA_FILE: "/etc/redis-ws-gateway/redis-ca/ca.crt"
+{{- end }}
+{{- if and (not $v.redis.enabled) .tls.clientCertSecret }}
+REDIS_TLS_CERT_FILE: "/etc/redis-ws-gateway/redis-client/tls.crt"
+REDIS_TLS_KEY_FILE: "/etc/redis-ws-gateway/redis-client/tls.key"
+{{- end }}
+{{- if and (not $v.redis.enabled) (not .tls.verify) }}
+REDIS_TLS_VERIFY: "false"
+{{- end }}
+{{- end }}
 LOG_LEVEL: {{ $v.logLevel | quote }}
 LOG_FORMAT: {{ $v.logFormat | quote }}
 DRAIN_WINDOW_SECONDS: {{ $v.shutdown.drainWindowSeconds | int | toString | quote }}

@@ -726,3 +726,34 @@ def test_rendered_config_file_is_accepted_by_the_gateway(helm: Helm, tmp_path: P
     assert [r.pattern for r in s.durable] == ["engine:decision:*"] and s.durable[0].maxlen == 5000
     assert s.streams[0].key == "fills" and s.snapshots[0].key == "market:last:{suffix}"
     assert s.roles["user"].allow == ("market:*",)
+
+
+def test_external_redis_sentinel_tls_and_acl_user_reach_the_gateway(helm: Helm) -> None:
+    manifests = render(
+        helm,
+        "--set", "redis.enabled=false",
+        "--set", "externalRedis.url=rediss://ignored:6379",
+        "--set", "externalRedis.existingSecret=redis-creds",
+        "--set", "externalRedis.username=gateway",
+        "--set", "externalRedis.sentinels={s1.redis:26379,s2.redis:26379}",
+        "--set", "externalRedis.sentinelMaster=prod",
+        "--set", "externalRedis.sentinelPasswordKey=sentinel-password",
+        "--set", "externalRedis.tls.caSecret=redis-ca",
+        "--set", "externalRedis.tls.clientCertSecret=redis-client",
+    )  # fmt: skip
+    env = settings(manifests)
+    assert env["REDIS_SENTINELS"] == "s1.redis:26379,s2.redis:26379"
+    assert env["REDIS_SENTINEL_MASTER"] == "prod" and env["REDIS_USERNAME"] == "gateway"
+    assert env["REDIS_TLS_CA_FILE"] == "/etc/redis-ws-gateway/redis-ca/ca.crt"
+    container = gateway_container(manifests)
+    assert env_source(container, "REDIS_SENTINEL_PASSWORD")["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-creds",
+        "key": "sentinel-password",
+    }
+    pod = gateway_deployment(manifests)["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"redis-ca": "redis-ca", "redis-client": "redis-client"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["redis-client"] == "/etc/redis-ws-gateway/redis-client"
+    for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
+        assert env[name].startswith(tuple(mounts.values()))
