@@ -266,7 +266,12 @@ class Gateway:
                         break
                     self.metrics.rate_limited.inc()
                     session.send_control(
-                        protocol.error_message(RateLimited("too many messages, slow down"))
+                        protocol.error_message(
+                            RateLimited(
+                                "too many messages, slow down",
+                                request_id=protocol.peek_request_id(msg.data),
+                            )
+                        )
                     )
                     continue
                 if msg.type == WSMsgType.TEXT:

@@ -1,14 +1,18 @@
-"""`redis-ws-gateway` command line: serve, tail, demo, demo-publisher, selftest."""
+"""`redis-ws-gateway` command line: serve, tail, demo, demo-publisher, selftest,
+bench, publish, ping."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 import orjson
 import uvloop
@@ -30,16 +34,23 @@ def _cmd_serve(_: argparse.Namespace) -> int:
     return 0
 
 
-async def _tail(url: str, patterns: list[str], token: str | None, raw: bool) -> int:
+async def _tail(
+    url: str, patterns: list[str], token: str | None, raw: bool, since: str | None = None
+) -> int:
     from .client import GatewayClient, ServerError
+    from .sdk import is_pattern
 
     counts: dict[str, int] = defaultdict(int)
     last_seq: dict[str, int] = {}
     gaps = 0
     started = time.monotonic()
+    specs: list[str | dict[str, Any]] = [
+        {"channel": c, "since": since} if since is not None and not is_pattern(c) else c
+        for c in patterns
+    ]
     async with GatewayClient(url, token) as client:
         try:
-            reply = await client.subscribe(*patterns)
+            reply = await client.subscribe(*specs)
         except ServerError as exc:
             print(f"tail: subscribe refused: {exc}", file=sys.stderr)
             return 1
@@ -52,20 +63,26 @@ async def _tail(url: str, patterns: list[str], token: str | None, raw: bool) -> 
                 kind = frame.get("type")
                 if kind == "data":
                     key = frame.get("pattern") or frame["channel"]
-                    expected = last_seq.get(key, 0) + 1
-                    if frame["seq"] != expected:
-                        gaps += 1
-                        print(
-                            f"tail: GAP on {key}: expected seq {expected}, got {frame['seq']}",
-                            file=sys.stderr,
-                        )
-                    last_seq[key] = frame["seq"]
+                    seq = frame.get("seq")
+                    # Replayed history of a durable channel has an offset but no seq.
+                    if seq is not None:
+                        expected = last_seq.get(key, 0) + 1
+                        if seq != expected:
+                            gaps += 1
+                            print(
+                                f"tail: GAP on {key}: expected seq {expected}, got {seq}",
+                                file=sys.stderr,
+                            )
+                        last_seq[key] = seq
                     counts[frame["channel"]] += 1
                     if raw:
                         print(orjson.dumps(frame).decode(), flush=True)
                     else:
                         data = orjson.dumps(frame["data"]).decode()
-                        print(f"{frame['channel']} #{frame['seq']} {data}", flush=True)
+                        where = f"#{seq}" if seq is not None else "replay"
+                        if "offset" in frame:
+                            where += f" @{frame['offset']}"
+                        print(f"{frame['channel']} {where} {data}", flush=True)
                 else:
                     if kind == "resubscribed":
                         for sub in frame["subscriptions"]:
@@ -84,8 +101,13 @@ async def _tail(url: str, patterns: list[str], token: str | None, raw: bool) -> 
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
+    from .sdk import is_pattern
+
+    if args.since is not None and all(is_pattern(c) for c in args.channels):
+        print("tail: --since applies to exact (durable) channels, not patterns", file=sys.stderr)
+        return 2
     try:
-        return uvloop.run(_tail(args.url, args.channels, args.token, args.raw))
+        return uvloop.run(_tail(args.url, args.channels, args.token, args.raw, args.since))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
@@ -153,6 +175,110 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _payload_arg(text: str) -> bytes:
+    """DATA as given, or the contents of the file after ``@`` (``@-``: stdin)."""
+    if text.startswith("@"):
+        name = text[1:]
+        return sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    return text.encode()
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    import redis
+
+    from .publish import publish, publish_durable
+
+    try:
+        payload = _payload_arg(args.data)
+    except OSError as exc:
+        print(f"publish: cannot read {args.data[1:]}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if not args.raw:
+        try:
+            orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            print(
+                f"publish: DATA is not valid JSON ({exc}); a JSON string needs its quotes "
+                "('\"text\"' in a shell), or pass --raw to publish the bytes as they are",
+                file=sys.stderr,
+            )
+            return 2
+    # The bytes go out as written: the gateway forwards valid JSON byte for
+    # byte, so re-encoding would only change number formatting.
+    client = redis.Redis.from_url(
+        args.redis_url,
+        username=os.environ.get("REDIS_USERNAME") or None,
+        password=os.environ.get("REDIS_PASSWORD") or None,
+        socket_connect_timeout=5.0,
+    )
+    try:
+        if args.durable:
+            offset = publish_durable(
+                client, args.channel, payload, maxlen=args.maxlen, prefix=args.stream_prefix
+            )
+            print(offset)
+        else:
+            print(publish(client, args.channel, payload))
+    except redis.RedisError as exc:
+        print(f"publish: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text}")
+    return value
+
+
+def _percentile(ordered: list[float], pct: float) -> float:
+    """Nearest rank: a value that was actually measured."""
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+async def _ping(url: str, token: str | None, count: int, interval: float, timeout: float) -> int:
+    from .client import GatewayClient
+
+    rtts: list[float] = []
+    async with GatewayClient(url, token, timeout=timeout) as client:
+        for i in range(count):
+            if i:
+                await asyncio.sleep(interval)
+            started = time.perf_counter()
+            await client.ping()
+            rtt = time.perf_counter() - started
+            rtts.append(rtt)
+            print(f"pong {i + 1}: {rtt * 1000:.2f} ms", flush=True)
+    ordered = sorted(rtts)
+    print(
+        f"ping: {count} pings to {url}: min {ordered[0] * 1000:.2f} ms, "
+        f"p50 {_percentile(ordered, 50) * 1000:.2f} ms, "
+        f"p99 {_percentile(ordered, 99) * 1000:.2f} ms, max {ordered[-1] * 1000:.2f} ms"
+    )
+    return 0
+
+
+def _cmd_ping(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from .client import GatewayClientError
+
+    if args.count < 1:
+        print("ping: --count must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(_ping(args.url, args.token, args.count, args.interval, args.timeout))
+    except KeyboardInterrupt:
+        return 0
+    except (GatewayClientError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+        print(f"ping: failed: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="redis-ws-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("channels", nargs="+", help="channels or glob patterns")
     p.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"), help="JWT or API key")
     p.add_argument("--raw", action="store_true", help="print whole frames as JSON lines")
+    p.add_argument(
+        "--since",
+        metavar="OFFSET",
+        help="durable channels: replay what came after OFFSET first (0: the whole stream)",
+    )
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("demo", help="run Redis, the gateway and a demo publisher")
@@ -189,6 +320,29 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="load generator: fan-out latency, loss, CPU, memory")
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    from .publish import DEFAULT_MAXLEN, STREAM_PREFIX
+
+    p = sub.add_parser("publish", help="publish one message to Redis (plain or durable channel)")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    p.add_argument("--durable", action="store_true", help="append to the channel's stream (XADD)")
+    p.add_argument(
+        "--maxlen", type=_positive_int, default=DEFAULT_MAXLEN, help="durable: MAXLEN ~ N"
+    )
+    p.add_argument("--stream-prefix", default=STREAM_PREFIX, help="durable: stream key prefix")
+    p.add_argument("--raw", action="store_true", help="publish DATA even if it is not JSON")
+    p.add_argument("channel")
+    p.add_argument("data", help="JSON text, or @FILE (@- reads stdin)")
+    p.set_defaults(func=_cmd_publish)
+
+    p = sub.add_parser("ping", help="round-trip latency through the gateway (application pings)")
+    p.add_argument("url", help="gateway WebSocket URL, e.g. ws://localhost:8889/ws")
+    p.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"), help="JWT or API key")
+    p.add_argument("-c", "--count", type=int, default=10)
+    # The gateway rate-limits client frames (20/s by default): stay under it.
+    p.add_argument("-i", "--interval", type=float, default=0.1, help="seconds between pings")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each pong")
+    p.set_defaults(func=_cmd_ping)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

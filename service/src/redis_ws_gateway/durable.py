@@ -77,6 +77,7 @@ class Durable:
         self._task: asyncio.Task[None] | None = None
         self._replays = asyncio.Semaphore(settings.replay_concurrency)
         self._wake = asyncio.Event()
+        self._stopping = False
         self.reader_up = False
         self.replays = 0
         self.replayed_entries = 0
@@ -106,10 +107,15 @@ class Durable:
             self._task = asyncio.create_task(self._read_loop(), name="durable-reader")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # redis-py can turn a cancellation inside a read into a connection
+            # error, which the loop would survive; the flag and the bound make
+            # sure stopping never hangs.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 5)
         await close_client(self._reader)
         await close_client(self.redis)
 
@@ -304,7 +310,7 @@ class Durable:
 
     async def _read_loop(self) -> None:
         delay = self._settings.redis_reconnect_min_seconds
-        while True:
+        while not self._stopping:
             streams: Any = {spec.key: topic.cursor for topic, spec in self._topics.values()}
             if not streams:
                 await self._wake.wait()

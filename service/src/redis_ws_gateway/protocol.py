@@ -91,6 +91,18 @@ def decode_request(
         raise
 
 
+def peek_request_id(text: object) -> RequestId:
+    """The requestId of a frame that will not be handled (rate limited), so
+    the client can match the refusal; None when there is none to find."""
+    if not isinstance(text, (str, bytes)):
+        return None
+    try:
+        obj = orjson.loads(text)
+        return _request_id(obj) if isinstance(obj, dict) else None
+    except (orjson.JSONDecodeError, GatewayError):
+        return None
+
+
 def _decode_fields(obj: dict[str, Any], rid: RequestId, max_channel_length: int) -> Request:
     action = obj.get("action")
     if not isinstance(action, str):
