@@ -375,10 +375,9 @@ def test_existing_auth_secret_is_referenced_and_nothing_inlined(
     selftest = selftest_pod(production_manifests)["spec"]["containers"][0]
     token = env_source(selftest, "GATEWAY_TOKEN")["valueFrom"]["secretKeyRef"]
     assert token == {"name": "gateway-credentials", "key": "api-key"}
-    password = env_source(selftest, "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
-    assert password == refs["REDIS_PASSWORD"]
-    # The test pod needs no signing key.
-    assert "JWT_SECRET" not in {e["name"] for e in selftest["env"]}
+    # The test pod needs no signing key and no Redis credential: it publishes
+    # through the gateway's /publish with the API key.
+    assert {e["name"] for e in selftest["env"]} == {"GATEWAY_TOKEN"}
 
 
 def test_inline_secret_values_are_dropped_when_existing_secret_is_named(helm: Helm) -> None:
@@ -545,7 +544,7 @@ def test_helm_test_pod_runs_the_selftest_against_the_service(rendered: list[Mani
     assert args[:2] == ["redis-ws-gateway", "selftest"]
     url = args[args.index("--url") + 1]
     assert url == f"ws://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/ws"
-    assert args[args.index("--redis-url") + 1] == settings(rendered)["REDIS_URL"]
+    assert "--redis-url" not in args  # publishes through /publish, any Redis topology
 
 
 # ----------------------------------------------------------------- ingress

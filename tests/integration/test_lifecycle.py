@@ -179,3 +179,20 @@ async def test_json_logs_carry_connection_ids_and_never_the_token(
     conn = by_name["connection_open"]["conn"]
     assert by_name["subscribed"]["conn"] == conn == by_name["connection_closed"]["conn"]
     assert by_name["connection_open"]["via"] == "api_key"
+
+
+@pytest.mark.parametrize("via_redis", [False, True])
+async def test_selftest_passes_against_a_live_gateway(
+    make_gateway: object, redis_server: RedisServer, via_redis: bool
+) -> None:
+    gw = await make_gateway(api_key="k-selftest-1")  # type: ignore[operator]
+    args = ["--url", gw.url, "--token", "k-selftest-1", "--timeout", "10"]
+    if via_redis:
+        args += ["--redis-url", redis_server.url]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "redis_ws_gateway", "selftest", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert b"received the published message" in out

@@ -136,7 +136,8 @@ def _cmd_demo_publisher(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _selftest(url: str, redis_url: str, token: str | None, timeout: float) -> int:
+async def _selftest(url: str, redis_url: str | None, token: str | None, timeout: float) -> int:
+    import aiohttp
     import redis.asyncio as aioredis
 
     from .client import GatewayClient
@@ -144,16 +145,32 @@ async def _selftest(url: str, redis_url: str, token: str | None, timeout: float)
     channel = f"selftest:{uuid.uuid4().hex}"
     async with GatewayClient(url, token, timeout=timeout) as client:
         await client.subscribe(channel)
-        # The chart passes the password on its own (from a Secret), not in the URL.
-        r = aioredis.from_url(
-            redis_url,
-            username=os.environ.get("REDIS_USERNAME") or None,
-            password=os.environ.get("REDIS_PASSWORD") or None,
-        )
-        try:
-            await r.publish(channel, b'{"selftest":true}')
-        finally:
-            await r.aclose()
+        if redis_url is None:
+            # Through the gateway's own /publish: works with whatever Redis
+            # topology the gateway uses (Sentinel, TLS) without knowing it.
+            http_url = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+            http_url = http_url.rsplit("/ws", 1)[0] + "/publish"
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    http_url, json={"channel": channel, "data": {"selftest": True}}, headers=headers
+                ) as resp,
+            ):
+                if resp.status != 200:
+                    print(f"selftest: /publish answered {resp.status}", file=sys.stderr)
+                    return 1
+        else:
+            # The chart passes the password on its own (from a Secret), not in the URL.
+            r = aioredis.from_url(
+                redis_url,
+                username=os.environ.get("REDIS_USERNAME") or None,
+                password=os.environ.get("REDIS_PASSWORD") or None,
+            )
+            try:
+                await r.publish(channel, b'{"selftest":true}')
+            finally:
+                await r.aclose()
         frame = await client.next_of_type("data", timeout)
         if frame["channel"] != channel:
             return 1
@@ -161,10 +178,16 @@ async def _selftest(url: str, redis_url: str, token: str | None, timeout: float)
     return 0
 
 
+def aiohttp_errors() -> type[Exception]:
+    import aiohttp
+
+    return aiohttp.ClientError
+
+
 def _cmd_selftest(args: argparse.Namespace) -> int:
     try:
         return uvloop.run(_selftest(args.url, args.redis_url, args.token, args.timeout))
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, aiohttp_errors()) as exc:
         print(f"selftest: failed: {exc!r}", file=sys.stderr)
         return 1
 
@@ -307,9 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=10.0, help="ticks per instrument per second")
     p.set_defaults(func=_cmd_demo_publisher)
 
-    p = sub.add_parser("selftest", help="subscribe, publish through Redis, expect delivery")
+    p = sub.add_parser("selftest", help="subscribe, publish, expect delivery")
     p.add_argument("--url", required=True)
-    p.add_argument("--redis-url", required=True)
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="publish straight to this Redis; default: through the gateway's /publish",
+    )
     p.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"))
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_cmd_selftest)
