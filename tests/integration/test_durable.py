@@ -4,9 +4,7 @@ trimming, snapshots, publish endpoint, failover to another gateway."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import redis.asyncio as aioredis
 
 from redis_ws_gateway.client import GatewayClient, ServerError
 from redis_ws_gateway.config import DurableRule, ExposedStream, SnapshotRule
-from tests.support.gateway import RunningGateway, gateway_settings
+from tests.support.gateway import RunningGateway, gateway_settings, spawn_gateway
 from tests.support.redis_server import RedisServer, free_port
 
 DURABLE = (DurableRule("engine:decision:*", maxlen=100_000), DurableRule("engine:signal:*"))
@@ -330,34 +328,10 @@ async def test_redis_restart_during_replay_loses_nothing(
 
 
 async def _spawn_gateway(redis_url: str, config: Path, port: int) -> asyncio.subprocess.Process:
-    env = dict(
-        os.environ,
-        REDIS_URL=redis_url,
-        REDIS_WS_GATEWAY_HOST="127.0.0.1",
-        REDIS_WS_GATEWAY_PORT=str(port),
-        REDIS_WS_GATEWAY_CONFIG=str(config),
-        LOG_FORMAT="json",
+    proc: asyncio.subprocess.Process = await spawn_gateway(
+        redis_url, port, REDIS_WS_GATEWAY_CONFIG=str(config)
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "redis_ws_gateway",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                    if resp.status == 200:
-                        return proc
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    proc.kill()
-    raise TimeoutError("gateway did not become ready")
+    return proc
 
 
 async def test_resume_on_another_gateway_after_a_kill(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -15,22 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from redis_ws_gateway.client import GatewayClient
-from tests.support.gateway import RunningGateway
+from tests.support.gateway import RunningGateway, spawn_gateway, wait_ready
 from tests.support.redis_server import RedisServer, free_port
-
-
-async def _wait_ready(http_base: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(http_base + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise TimeoutError("gateway not ready")
 
 
 async def test_sigterm_drains_clients_with_1012_spread_over_window(
@@ -38,27 +23,16 @@ async def test_sigterm_drains_clients_with_1012_spread_over_window(
 ) -> None:
     port = free_port()
     window = 1.5
-    env = dict(
-        os.environ,
-        REDIS_URL=redis_server.url,
-        REDIS_WS_GATEWAY_HOST="127.0.0.1",
-        REDIS_WS_GATEWAY_PORT=str(port),
+    proc = await spawn_gateway(
+        redis_server.url,
+        port,
+        ready=False,
         DRAIN_WINDOW_SECONDS=str(window),
         SHUTDOWN_TIMEOUT_SECONDS="6",
-        LOG_FORMAT="json",
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "redis_ws_gateway",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
     )
     clients: list[GatewayClient] = []
     try:
-        await _wait_ready(f"http://127.0.0.1:{port}")
+        await wait_ready(f"http://127.0.0.1:{port}")
         url = f"ws://127.0.0.1:{port}/ws"
         clients = list(await asyncio.gather(*(GatewayClient(url).connect() for _ in range(20))))
         await asyncio.gather(*(c.subscribe("market:tick:NIFTY") for c in clients))
@@ -136,26 +110,16 @@ async def test_json_logs_carry_connection_ids_and_never_the_token(
 ) -> None:
     port = free_port()
     secret = "sk-test-3f9a1c0d"
-    env = dict(
-        os.environ,
-        REDIS_URL=redis_server.url,
-        REDIS_WS_GATEWAY_HOST="127.0.0.1",
-        REDIS_WS_GATEWAY_PORT=str(port),
+    proc = await spawn_gateway(
+        redis_server.url,
+        port,
+        ready=False,
+        stderr=asyncio.subprocess.PIPE,
         GATEWAY_API_KEY=secret,
-        LOG_FORMAT="json",
         DRAIN_WINDOW_SECONDS="0",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "redis_ws_gateway",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        await _wait_ready(f"http://127.0.0.1:{port}")
+        await wait_ready(f"http://127.0.0.1:{port}")
         async with GatewayClient(f"ws://127.0.0.1:{port}/ws?token={secret}") as c:
             await c.subscribe("market:tick:NIFTY")
             await c.unsubscribe("market:tick:NIFTY")

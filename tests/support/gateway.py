@@ -59,3 +59,55 @@ def gateway_settings(redis_url: str, **overrides: Any) -> Settings:
         log_format="console",
     )
     return dataclasses.replace(base, **overrides)
+
+
+async def wait_ready(http_base: str, timeout: float = 15.0) -> None:
+    """Until GET /readyz answers 200."""
+    import asyncio
+    import time
+
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(http_base + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"gateway at {http_base} not ready")
+
+
+async def spawn_gateway(
+    redis_url: str, port: int, *, stderr: Any = None, ready: bool = True, **env: str
+) -> Any:
+    """A gateway as its own process (`python -m redis_ws_gateway serve`), for
+    what only a process shows: signals, kills, logs. Extra settings as env."""
+    import asyncio
+    import os
+    import sys
+
+    full_env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        REDIS_WS_GATEWAY_HOST="127.0.0.1",
+        REDIS_WS_GATEWAY_PORT=str(port),
+        LOG_FORMAT="json",
+        **env,
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "redis_ws_gateway", "serve", env=full_env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if stderr is None else stderr,
+    )  # fmt: skip
+    if ready:
+        try:
+            await wait_ready(f"http://127.0.0.1:{port}")
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+    return proc

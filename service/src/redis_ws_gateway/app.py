@@ -521,15 +521,11 @@ class Gateway:
         """POST /publish {"channel": ..., "data": <JSON>} for services that do
         not speak Redis. Durable channels get one XADD (the reply carries the
         offset); others a PUBLISH (the reply carries the receiver count)."""
-        credential, _ = _credential(request)
-        if credential is None:
-            return _http_error(401, "unauthorized", "credential required")
-        try:
-            principal = await self.auth.authenticate(credential)
-        except (Unauthorized, Forbidden) as exc:
-            return _http_error(401, exc.code, str(exc))
-        if principal.via != "api_key" and "publisher" not in principal.roles:
-            return _http_error(403, "forbidden", "needs the API key or the publisher role")
+        refusal = await self._http_principal(
+            request, "publisher", "needs the API key or the publisher role"
+        )
+        if refusal is not None:
+            return refusal
         if (request.content_length or 0) > self.settings.publish_max_bytes:
             return _http_error(
                 413, "too_large", f"body over {self.settings.publish_max_bytes} bytes"
@@ -569,8 +565,11 @@ class Gateway:
 
     # --- admin API (docs/openapi.yaml) ----------------------------------------------
 
-    async def _admin(self, request: web.Request) -> web.Response | None:
-        """None when the request carries the API key, else the refusal."""
+    async def _http_principal(
+        self, request: web.Request, role: str | None, refusal: str
+    ) -> web.Response | None:
+        """None when the request carries the API key (or a token with
+        ``role``), else the HTTP refusal to send."""
         credential, _ = _credential(request)
         if credential is None:
             return _http_error(401, "unauthorized", "credential required")
@@ -578,9 +577,12 @@ class Gateway:
             principal = await self.auth.authenticate(credential)
         except (Unauthorized, Forbidden) as exc:
             return _http_error(401, "unauthorized", str(exc))
-        if principal.via != "api_key":
-            return _http_error(403, "forbidden", "the admin API needs the gateway API key")
+        if principal.via != "api_key" and (role is None or role not in principal.roles):
+            return _http_error(403, "forbidden", refusal)
         return None
+
+    async def _admin(self, request: web.Request) -> web.Response | None:
+        return await self._http_principal(request, None, "the admin API needs the gateway API key")
 
     def _describe_session(self, session: Session) -> dict[str, Any]:
         return {

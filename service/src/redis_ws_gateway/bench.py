@@ -2097,7 +2097,7 @@ class Bench:
                         ),
                         "subscribe_s_p50": _quantile(sub_times, 0.5),
                         "subscribe_s_p99": _quantile(sub_times, 0.99),
-                        "subscribe_s_max": sub_times[-1] if sub_times else None,
+                        "subscribe_s_max": round(sub_times[-1], 3) if sub_times else None,
                         "target_cpu_us_per_replayed": None
                         if not replayed or w.get("target_cpu_s") is None
                         else round(w["target_cpu_s"] / replayed * 1e6, 3),
@@ -2788,11 +2788,11 @@ def durable_markdown(report: dict[str, Any]) -> list[str]:
             ),
             "",
             "| live clients | window | expected | received | lost | extra | p50 ms | p99 ms"
-            " | p99.9 ms | max ms | flags (whole window) |",
+            " | p99.9 ms | max ms | flags (whole step) |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         g = s["groups"]
-        for name, what in (("live", "whole window"), ("live-storm", "during the storm")):
+        for name, what in (("live", "outside the storm"), ("live-storm", "during the storm")):
             lat = g.get(name, {}).get("latency", {})
             lines.append(
                 _row(
