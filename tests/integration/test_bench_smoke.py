@@ -52,3 +52,42 @@ def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path) -> None:
     floor = report["floor"]
     assert floor["start"]["one_frame"]["cpu_us_per_write"] > 0
     assert floor["one_frame_us"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_durable_quick_replays_resumes_and_delivers(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            *_command(), "bench", "--workload", "D1,D2,D3", "--quick", "--retries", "0",
+            "--no-floor", "--out", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    by = {r["workload"]: r for r in report["results"]}
+
+    d1 = by["D1"]
+    assert d1["replay_frames"] == d1["reply_replayed"] == 10_000
+    assert d1["count_ok"] and d1["out_of_order_or_dup"] == 0
+    assert d1["subscribe_to_subscribed_s"] > 0 and d1["target_cpu_us_per_entry"] > 0
+
+    [d2] = by["D2"]["steps"]
+    storm = d2["storm"]
+    assert storm["resumed"] == 100 and storm["failed"] == 0
+    assert storm["clients_missing"] == 0 and storm["clients_extra"] == 0
+    assert storm["replayed_total"] >= 100 * 100
+    assert d2["groups"]["live"]["lost"] == 0 and d2["groups"]["live"]["extra"] == 0
+    assert d2["groups"]["live"]["received"] == 10 * d2["published"]
+
+    [d3] = by["D3"]["steps"]
+    for kind in ("durable", "plain"):
+        g = d3["groups"][kind]
+        assert g["clients"] == 50 and g["lost"] == 0 and g["extra"] == 0
+        assert g["received"] == 50 * 100  # 50 msg/s for 2 s per channel
+        assert g["latency"]["samples"] == g["received"]
+    assert "## Durable channels" in (out / "report.md").read_text()

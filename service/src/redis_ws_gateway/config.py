@@ -148,10 +148,10 @@ class Settings:
     streams: tuple[ExposedStream, ...] = ()
     snapshots: tuple[SnapshotRule, ...] = ()
     stream_prefix: str = "stream:"
-    replay_batch: int = 500
+    replay_batch: int = 100
     replay_concurrency: int = 8
     publish_max_bytes: int = 1_048_576
-    socket_send_buffer_bytes: int = 262_144
+    socket_send_buffer_bytes: int = 0
     trace_delivery_sample_rate: float = 0.01
     redis_tls_ca_file: str | None = None
     redis_tls_cert_file: str | None = None
