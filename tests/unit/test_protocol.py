@@ -124,3 +124,25 @@ def test_decoder_never_fails_other_than_with_a_protocol_error(text: str) -> None
     assert req.action in protocol.ACTIONS
     if req.channels is not None:
         assert all(0 < len(c) <= protocol.MAX_CHANNEL_LENGTH_DEFAULT for c in req.channels)
+
+
+def test_every_error_code_and_close_code_is_documented() -> None:
+    from pathlib import Path
+
+    from redis_ws_gateway import app, session
+    from redis_ws_gateway.durable import UpstreamUnavailable
+    from redis_ws_gateway.errors import ALL_ERRORS
+
+    doc = (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text()
+    codes = {cls.code for cls in (*ALL_ERRORS, UpstreamUnavailable)}
+    missing = [code for code in sorted(codes) if f"| `{code}` |" not in doc]
+    assert not missing, f"error codes missing from docs/PROTOCOL.md: {missing}"
+    close_codes = {
+        value
+        for module in (app, session)
+        for name, value in vars(module).items()
+        if name.startswith("CLOSE_") and isinstance(value, int)
+    }
+    assert close_codes >= {1008, 1012, 4000, 4001, 4008, 4029}
+    undocumented = [c for c in sorted(close_codes) if f"| {c} |" not in doc]
+    assert not undocumented, f"close codes missing from docs/PROTOCOL.md: {undocumented}"
