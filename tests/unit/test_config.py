@@ -123,3 +123,13 @@ def test_serve_exits_with_message_on_bad_setting() -> None:
     )
     assert proc.returncode == 2
     assert "REDIS_WS_GATEWAY_PORT='abc'" in proc.stderr
+
+
+def test_demo_config_is_valid(tmp_path: Path) -> None:
+    from redis_ws_gateway.demo import DEMO_CONFIG
+
+    f = tmp_path / "demo.yaml"
+    f.write_text(DEMO_CONFIG)
+    s = load_settings({"REDIS_WS_GATEWAY_CONFIG": str(f)})
+    assert [r.pattern for r in s.durable] == ["engine:decision:*"]
+    assert s.snapshots[0].key == "market:last:{suffix}"

@@ -22,6 +22,15 @@ import redis.asyncio as aioredis
 
 INSTRUMENTS = {"BANKNIFTY": 51_200.0, "NIFTY": 23_450.0}
 
+# What the demo gateway runs with: per-instrument decisions are durable
+# channels, and tick channels offer the latest tick as a snapshot.
+DEMO_CONFIG = """\
+durable:
+  - {pattern: "engine:decision:*", maxlen: 10000}
+snapshots:
+  - {pattern: "market:tick:*", key: "market:last:{suffix}"}
+"""
+
 
 async def publish_forever(redis_url: str, rate: float = 10.0) -> None:
     """Ticks at ``rate`` per instrument per second; signals, decisions and
@@ -45,6 +54,8 @@ async def publish_forever(redis_url: str, rate: float = 10.0) -> None:
                         "ts": now,
                     }
                     body = orjson.dumps(tick)
+                    # The latest tick stays readable, for `snapshot` subscribers.
+                    pipe.set(f"market:last:{sym}", body)
                     pipe.publish(f"market:tick:{sym}", body)
                     pipe.publish("market:tick", body)
                     if step % 10 == 0:
@@ -73,7 +84,14 @@ async def publish_forever(redis_url: str, rate: float = 10.0) -> None:
                                 "ts": now,
                             }
                         )
-                        pipe.publish(f"engine:decision:{sym}", decision)
+                        # Decisions are durable (DEMO_CONFIG): one stream entry
+                        # each, replayable after a reconnect.
+                        pipe.xadd(
+                            f"stream:engine:decision:{sym}",
+                            {"data": decision},
+                            maxlen=10_000,
+                            approximate=True,
+                        )
                         pipe.publish("engine:decision", decision)
                 await pipe.execute()
             step += 1
@@ -119,6 +137,12 @@ def run_demo(port: int) -> int:
         print(f"demo: started a private redis-server at {redis_url}", flush=True)
     env = dict(os.environ, REDIS_URL=redis_url, REDIS_WS_GATEWAY_PORT=str(port))
     env.setdefault("LOG_FORMAT", "console")
+    config_dir = tempfile.mkdtemp(prefix="rwg-demo-config-")
+    if "REDIS_WS_GATEWAY_CONFIG" not in env:
+        config_path = os.path.join(config_dir, "demo.yaml")
+        with open(config_path, "w", encoding="utf-8") as f:
+            f.write(DEMO_CONFIG)
+        env["REDIS_WS_GATEWAY_CONFIG"] = config_path
     exe = [sys.executable, "-m", "redis_ws_gateway"]
     procs.append(subprocess.Popen([*exe, "serve"], env=env))
     procs.append(subprocess.Popen([*exe, "demo-publisher", "--redis-url", redis_url], env=env))
@@ -127,6 +151,8 @@ def run_demo(port: int) -> int:
         "\n"
         f"demo: gateway on {url}, publishing ticks, signals, decisions, indicators\n"
         f"demo: watch in a terminal:  .venv/bin/redis-ws-gateway tail {url} 'market:tick:*'\n"
+        f"demo: durable decisions, replayed from the start:\n"
+        f"      .venv/bin/redis-ws-gateway tail --since 0 {url} engine:decision:NIFTY\n"
         f"demo: console in a browser: http://localhost:{port}/\n"
         "demo: Ctrl-C stops everything this command started\n",
         flush=True,
@@ -153,6 +179,7 @@ def run_demo(port: int) -> int:
                 p.kill()
         if data_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(config_dir, ignore_errors=True)
     failed = [p.args for p in procs if p.returncode not in (0, -signal.SIGTERM, None)]
     if failed and not stopping:
         print(f"demo: a process exited unexpectedly: {failed}", file=sys.stderr)
