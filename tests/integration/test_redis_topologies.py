@@ -4,6 +4,7 @@ a Sentinel failover with real redis-server and redis-sentinel processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -118,84 +120,71 @@ def _tls_client(info: dict[str, str], user: str, password: str) -> aioredis.Redi
     return aioredis.from_url(info["url"], username=user, password=password, ssl_ca_certs=info["ca"])
 
 
+@contextlib.asynccontextmanager
+async def tls_gateway(
+    info: dict[str, str], user: str, password: str, **overrides: Any
+) -> AsyncIterator[RunningGateway]:
+    gw = RunningGateway(
+        gateway_settings(
+            info["url"],
+            redis_username=user,
+            redis_password=password,
+            redis_tls_ca_file=info["ca"],
+            **overrides,
+        )
+    )
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
 async def test_tls_with_acl_user_serves_pubsub_and_durable(
     tls_redis: tuple[RedisServer, dict[str, str]],
 ) -> None:
     _, info = tls_redis
-    gw = RunningGateway(
-        gateway_settings(
-            info["url"],
-            redis_username="gateway",
-            redis_password="gw-pass",
-            redis_tls_ca_file=info["ca"],
-            durable=(DurableRule("engine:decision:*"),),
-        )
-    )
-    await gw.start()
     r = _tls_client(info, "gateway", "gw-pass")
     try:
-        await asyncio.wait_for(gw.gateway.upstream.connected.wait(), 10)
-        async with GatewayClient(gw.url) as c:
-            await c.subscribe("market:tick:X", "engine:decision:X")
-            await r.publish("market:tick:X", b'{"tls":true}')
-            entry = await r.xadd("stream:engine:decision:X", {"data": b'{"d":1}'})
-            frames = [await c.next_of_type("data") for _ in range(2)]
-        by = {f["channel"]: f for f in frames}
-        assert by["market:tick:X"]["data"] == {"tls": True}
-        assert by["engine:decision:X"]["offset"] == entry.decode()
+        async with tls_gateway(
+            info, "gateway", "gw-pass", durable=(DurableRule("engine:decision:*"),)
+        ) as gw:
+            await asyncio.wait_for(gw.gateway.upstream.connected.wait(), 10)
+            async with GatewayClient(gw.url) as c:
+                await c.subscribe("market:tick:X", "engine:decision:X")
+                await r.publish("market:tick:X", b'{"tls":true}')
+                entry = await r.xadd("stream:engine:decision:X", {"data": b'{"d":1}'})
+                frames = [await c.next_of_type("data") for _ in range(2)]
     finally:
         await r.aclose()
-        await gw.stop()
+    by = {f["channel"]: f for f in frames}
+    assert by["market:tick:X"]["data"] == {"tls": True}
+    assert by["engine:decision:X"]["offset"] == entry.decode()
 
 
 async def test_wrong_redis_password_keeps_the_gateway_unready(
     tls_redis: tuple[RedisServer, dict[str, str]],
 ) -> None:
     _, info = tls_redis
-    gw = RunningGateway(
-        gateway_settings(
-            info["url"],
-            redis_username="gateway",
-            redis_password="nope",
-            redis_tls_ca_file=info["ca"],
-        )
-    )
-    await gw.start()
-    try:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http:
-            for _ in range(10):
-                async with http.get(gw.http + "/readyz") as resp:
-                    assert resp.status == 503
-                    assert (await resp.json())["reason"] == "redis unreachable"
-                await asyncio.sleep(0.05)
+    async with tls_gateway(info, "gateway", "nope") as gw, aiohttp.ClientSession() as http:
+        for _ in range(10):
+            async with http.get(gw.http + "/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["reason"] == "redis unreachable"
+            await asyncio.sleep(0.05)
         assert not gw.gateway.upstream.is_up
-    finally:
-        await gw.stop()
 
 
 async def test_least_privilege_user_refusal_shows_as_not_live(
     tls_redis: tuple[RedisServer, dict[str, str]],
 ) -> None:
     _, info = tls_redis
-    gw = RunningGateway(
-        gateway_settings(
-            info["url"],
-            redis_username="narrow",
-            redis_password="narrow-pass",
-            redis_tls_ca_file=info["ca"],
-        )
-    )
-    await gw.start()
-    try:
+    async with tls_gateway(info, "narrow", "narrow-pass") as gw:
         await asyncio.wait_for(gw.gateway.upstream.connected.wait(), 10)
         async with GatewayClient(gw.url) as c:
             reply = await c.subscribe("market:tick:X", "engine:decision:X")
-        live = {s["channel"]: s["live"] for s in reply["subscriptions"]}
-        assert live == {"market:tick:X": True, "engine:decision:X": False}
-    finally:
-        await gw.stop()
+    live = {s["channel"]: s["live"] for s in reply["subscriptions"]}
+    assert live == {"market:tick:X": True, "engine:decision:X": False}
 
 
 # --- Sentinel ----------------------------------------------------------------------
