@@ -421,3 +421,55 @@ async def test_resume_ahead_of_this_pods_reader_is_not_delivered_twice(
                 if frame.get("type") == "data":
                     got.append(frame["data"]["i"])
     assert got == [6, 7, 8, 9, 10]
+
+
+async def _resume_all(url: str, channel: str, since: str, clients: int) -> list[list[str]]:
+    async def one() -> list[str]:
+        async with GatewayClient(url) as c:
+            reply = await c.request("subscribe", channels=[{"channel": channel, "since": since}])
+            n = reply["subscriptions"][0]["replayed"]
+            return [c.messages.get_nowait()["offset"] for _ in range(n)]
+
+    return list(await asyncio.gather(*(one() for _ in range(clients))))
+
+
+async def test_many_clients_resuming_the_same_range_share_the_cached_frames(
+    durable_gateway: RunningGateway, redis_client: aioredis.Redis
+) -> None:
+    channel = "engine:decision:CACHE"
+    durable = durable_gateway.gateway.durable
+    async with GatewayClient(durable_gateway.url) as live:
+        await live.subscribe(channel)  # the topic lives; its reader fills the cache
+        ids = [await xadd(redis_client, channel, {"i": i}) for i in range(50)]
+        for _ in range(50):
+            await live.next_of_type("data")
+        results = await _resume_all(durable_gateway.url, channel, ids[9], 20)
+    assert all(r == ids[10:] for r in results)
+    assert durable.replayed_from_cache == 20 * 40
+
+
+async def test_resume_on_a_fresh_topic_backfills_the_cache_once(
+    durable_gateway: RunningGateway, redis_client: aioredis.Redis
+) -> None:
+    channel = "engine:decision:BACKFILL"
+    ids = [await xadd(redis_client, channel, {"i": i}) for i in range(30)]
+    results = await _resume_all(durable_gateway.url, channel, ids[4], 10)
+    assert all(r == ids[5:] for r in results)
+    assert durable_gateway.gateway.durable.replayed_from_cache == 10 * 25
+
+
+async def test_replay_beyond_a_small_cache_mixes_redis_and_memory_exactly_once(
+    make_gateway: object, redis_client: aioredis.Redis
+) -> None:
+    gw = await make_gateway(  # type: ignore[operator]
+        durable=DURABLE, replay_cache_entries=5, replay_batch=3
+    )
+    channel = "engine:decision:SMALL"
+    async with GatewayClient(gw.url) as live:
+        await live.subscribe(channel)
+        ids = [await xadd(redis_client, channel, {"i": i}) for i in range(40)]
+        for _ in range(40):
+            await live.next_of_type("data")
+        [got] = await _resume_all(gw.url, channel, ids[2], 1)
+    assert got == ids[3:]
+    assert 0 < gw.gateway.durable.replayed_from_cache <= 5

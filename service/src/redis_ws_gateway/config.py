@@ -150,6 +150,7 @@ class Settings:
     stream_prefix: str = "stream:"
     replay_batch: int = 100
     replay_concurrency: int = 8
+    replay_cache_entries: int = 1000
     publish_max_bytes: int = 1_048_576
     socket_send_buffer_bytes: int = 0
     trace_delivery_sample_rate: float = 0.01
@@ -327,6 +328,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DURABLE_STREAM_PREFIX": ("stream_prefix", _nonempty),
     "DURABLE_REPLAY_BATCH": ("replay_batch", _int_range(1, 100_000)),
     "DURABLE_REPLAY_CONCURRENCY": ("replay_concurrency", _int_range(1, 10_000)),
+    "DURABLE_REPLAY_CACHE_ENTRIES": ("replay_cache_entries", _int_range(0, 1_000_000)),
     "PUBLISH_MAX_BYTES": ("publish_max_bytes", _int_range(1, 64 * 1024 * 1024)),
     "SOCKET_SEND_BUFFER_BYTES": ("socket_send_buffer_bytes", _int_range(0, 64 * 1024 * 1024)),
     "TRACE_DELIVERY_SAMPLE_RATE": ("trace_delivery_sample_rate", _float_range(0, 1)),
