@@ -187,6 +187,9 @@ MAX_CONNECTION_AGE_SECONDS: {{ $v.gateway.maxConnectionAgeSeconds | int | toStri
 {{- if and (not $v.redis.enabled) .username }}
 REDIS_USERNAME: {{ .username | quote }}
 {{- end }}
+{{- if and (not $v.redis.enabled) .clusterNodes }}
+REDIS_CLUSTER_NODES: {{ join "," .clusterNodes | quote }}
+{{- end }}
 {{- if and (not $v.redis.enabled) .sentinels }}
 REDIS_SENTINELS: {{ join "," .sentinels | quote }}
 REDIS_SENTINEL_MASTER: {{ .sentinelMaster | quote }}

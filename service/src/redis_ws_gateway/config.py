@@ -162,6 +162,7 @@ class Settings:
     redis_sentinel_master: str = "mymaster"
     redis_sentinel_password: str | None = None
     redis_sentinel_check_seconds: float = 1.0
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     channel_policies: tuple[ChannelPolicy, ...] = DEFAULT_CHANNEL_POLICIES
 
@@ -340,6 +341,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _nonempty),
     "REDIS_SENTINEL_PASSWORD": ("redis_sentinel_password", _nonempty),
     "REDIS_SENTINEL_CHECK_SECONDS": ("redis_sentinel_check_seconds", _float_range(0.05, 600)),
+    "REDIS_CLUSTER_NODES": ("redis_cluster_nodes", _host_ports),
 }
 
 # Settings whose empty value means "unset" (e.g. an empty Secret key).
@@ -588,6 +590,18 @@ def _check_consistency(s: Settings) -> None:
     ):
         if path is not None and not Path(path).is_file():
             raise ConfigError(name, path, "file not found")
+    if s.redis_cluster_nodes and s.redis_sentinels:
+        raise ConfigError(
+            "REDIS_CLUSTER_NODES", s.redis_cluster_nodes, "cannot be used with REDIS_SENTINELS"
+        )
+    if s.redis_cluster_nodes and (s.durable or s.streams):
+        # XREAD of many streams needs them in one slot; the reader does not
+        # split its read per slot yet.
+        raise ConfigError(
+            "REDIS_CLUSTER_NODES",
+            s.redis_cluster_nodes,
+            "durable channels are not supported on Redis Cluster yet",
+        )
     if bool(s.redis_tls_cert_file) != bool(s.redis_tls_key_file):
         raise ConfigError(
             "REDIS_TLS_CERT_FILE", s.redis_tls_cert_file, "needs REDIS_TLS_KEY_FILE too (and back)"

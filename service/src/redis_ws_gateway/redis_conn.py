@@ -4,11 +4,13 @@ stream reader, snapshots and the publish endpoint all agree."""
 
 from __future__ import annotations
 
+import random
 import ssl
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from .config import Settings
@@ -73,6 +75,11 @@ def sentinel(settings: Settings) -> Sentinel | None:
 
 def make_client(settings: Settings, *, single_connection: bool = False) -> aioredis.Redis:
     """A request/response client (streams, snapshots, publish)."""
+    if settings.redis_cluster_nodes:
+        # Routes each key to the node owning its slot and follows MOVED/ASK.
+        nodes = [ClusterNode(host, port) for host, port in settings.redis_cluster_nodes]
+        cluster: Any = RedisCluster(startup_nodes=nodes, **_connection_kwargs(settings))
+        return cast(aioredis.Redis, cluster)
     s = sentinel(settings)
     if s is not None:
         # Re-discovers the master through the sentinels after a failover. Its
@@ -95,18 +102,31 @@ def make_client(settings: Settings, *, single_connection: bool = False) -> aiore
 
 
 class MasterLocator:
-    """Where the pub/sub connection should go: the URL's host, or the master
-    the sentinels name right now."""
+    """Where the pub/sub connection should go: the URL's host, the master the
+    sentinels name right now, or the next node of a Redis Cluster (classic
+    PUBLISH reaches every node of a cluster, so any node serves SUBSCRIBE and
+    PSUBSCRIBE; a dead node just means trying the next one)."""
 
     def __init__(self, settings: Settings) -> None:
         self._sentinel = sentinel(settings)
         self._name = settings.redis_sentinel_master
+        self._nodes = list(settings.redis_cluster_nodes)
+        # Pods start at different nodes, so a fleet spreads over the cluster.
+        self._next = random.randrange(len(self._nodes)) if self._nodes else 0
 
     @property
     def via_sentinel(self) -> bool:
         return self._sentinel is not None
 
+    @property
+    def dynamic(self) -> bool:
+        return self._sentinel is not None or bool(self._nodes)
+
     async def master(self) -> tuple[str, int]:
+        if self._nodes:
+            node = self._nodes[self._next % len(self._nodes)]
+            self._next += 1
+            return node
         assert self._sentinel is not None
         host, port = await self._sentinel.discover_master(self._name)
         return str(host), int(port)
@@ -120,6 +140,9 @@ class MasterLocator:
 async def close_client(client: aioredis.Redis) -> None:
     """Close a client from make_client with every connection it opened,
     including a Sentinel-managed pool and its connections to the sentinels."""
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+        return
     pool = client.connection_pool
     await client.aclose(close_connection_pool=True)
     manager = getattr(pool, "sentinel_manager", None)

@@ -245,7 +245,8 @@ class Upstream:
         self._client_name = client_name
         self._ssl = ssl_context
         self._on_state = on_state
-        self._locator = locator if locator is not None and locator.via_sentinel else None
+        self._locator = locator if locator is not None and locator.dynamic else None
+        self._check_master = locator is not None and locator.via_sentinel
         self._sentinel_check = sentinel_check
         self._connected_to: tuple[str, int] | None = None
         self._conn: PubSubProtocol | None = None
@@ -387,7 +388,11 @@ class Upstream:
         Sentinel) stops being the master."""
         next_master_check = time.monotonic() + self._sentinel_check
         while True:
-            if self._locator is not None and time.monotonic() >= next_master_check:
+            if (
+                self._locator is not None
+                and self._check_master
+                and time.monotonic() >= next_master_check
+            ):
                 next_master_check = time.monotonic() + self._sentinel_check
                 try:
                     current = await self._locator.master()
