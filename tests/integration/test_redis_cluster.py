@@ -75,11 +75,11 @@ class Cluster:
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     c = Cluster()
-    c.start()
     try:
+        c.start()
         yield c
     finally:
-        c.stop()
+        c.stop()  # also when start failed half-way: no node may outlive the test
 
 
 @pytest.fixture
