@@ -235,11 +235,11 @@ class SentinelSet:
 @pytest.fixture
 def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
     s = SentinelSet(tmp_path)
-    s.start()
     try:
+        s.start()
         yield s
     finally:
-        s.stop()
+        s.stop()  # also after a half-way start: no process may outlive the test
 
 
 async def _master_of(ports: list[int]) -> tuple[str, int]:
