@@ -2552,6 +2552,11 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _latency_cells(lat: dict[str, Any]) -> list[str]:
+    """p50, p99, p99.9 and max, formatted for a report table."""
+    return [_fmt(lat[k]) for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")]
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "-"
@@ -2633,10 +2638,7 @@ def markdown(report: dict[str, Any]) -> str:
                         g["expected"],
                         g["received"],
                         g["lost"],
-                        _fmt(lat["p50_ms"]),
-                        _fmt(lat["p99_ms"]),
-                        _fmt(lat["p999_ms"]),
-                        _fmt(lat["max_ms"]),
+                        *_latency_cells(lat),
                         _fmt(tgt["cpu_us_per_delivery"]),
                         _ratio(tgt["cpu_us_per_delivery"], floor_us),
                         _fmt(tgt["cpu_util"]),
@@ -2831,10 +2833,7 @@ def durable_markdown(report: dict[str, Any]) -> list[str]:
                     g["received"],
                     g["lost"],
                     g["extra"],
-                    _fmt(lat["p50_ms"]),
-                    _fmt(lat["p99_ms"]),
-                    _fmt(lat["p999_ms"]),
-                    _fmt(lat["max_ms"]),
+                    *_latency_cells(lat),
                 )
             )
         t = s["target"]
