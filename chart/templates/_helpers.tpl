@@ -184,11 +184,17 @@ MAX_CHANNELS_PER_CLIENT: {{ $v.gateway.maxChannelsPerClient | int | toString | q
 MAX_WILDCARD_SUBSCRIPTIONS: {{ $v.gateway.maxWildcardSubscriptions | int | toString | quote }}
 MAX_CONNECTION_AGE_SECONDS: {{ $v.gateway.maxConnectionAgeSeconds | int | toString | quote }}
 {{- with $v.externalRedis }}
+{{- if and .shardedChannels (or $v.redis.enabled (not .clusterNodes)) }}
+{{- fail "externalRedis.shardedChannels needs externalRedis.clusterNodes (and redis.enabled=false)" }}
+{{- end }}
 {{- if and (not $v.redis.enabled) .username }}
 REDIS_USERNAME: {{ .username | quote }}
 {{- end }}
 {{- if and (not $v.redis.enabled) .clusterNodes }}
 REDIS_CLUSTER_NODES: {{ join "," .clusterNodes | quote }}
+{{- if .shardedChannels }}
+REDIS_SHARDED_CHANNELS: {{ join "," .shardedChannels | quote }}
+{{- end }}
 {{- end }}
 {{- if and (not $v.redis.enabled) .sentinels }}
 REDIS_SENTINELS: {{ join "," .sentinels | quote }}

@@ -513,6 +513,14 @@ INCONSISTENT_VALUES = {
         "must not be shorter",
     ),
     "route-without-parent": (["httpRoute.enabled=true"], "httpRoute.parentRefs"),
+    "sharded-without-cluster": (
+        [
+            "redis.enabled=false",
+            "externalRedis.url=redis://r:6379",
+            "externalRedis.shardedChannels={market:*}",
+        ],
+        "shardedChannels needs externalRedis.clusterNodes",
+    ),
     "hpa-min-above-max": (
         ["autoscaling.enabled=true", "autoscaling.minReplicas=5", "autoscaling.maxReplicas=2"],
         "minReplicas must not exceed",
@@ -725,6 +733,23 @@ def test_rendered_config_file_is_accepted_by_the_gateway(helm: Helm, tmp_path: P
     assert [r.pattern for r in s.durable] == ["engine:decision:*"] and s.durable[0].maxlen == 5000
     assert s.streams[0].key == "fills" and s.snapshots[0].key == "market:last:{suffix}"
     assert s.roles["user"].allow == ("market:*",)
+
+
+def test_external_redis_cluster_with_sharded_channels_reaches_the_gateway(helm: Helm) -> None:
+    manifests = render(
+        helm,
+        "--set", "redis.enabled=false",
+        "--set", "externalRedis.url=redis://ignored:6379",
+        "--set", "externalRedis.clusterNodes={c0.redis:6379,c1.redis:6379}",
+        "--set", "externalRedis.shardedChannels={market:tick:*,ui:*}",
+    )  # fmt: skip
+    from redis_ws_gateway.config import load_settings
+
+    env = settings(manifests)
+    env.pop("REDIS_WS_GATEWAY_CONFIG", None)  # the mounted file; checked elsewhere
+    s = load_settings(env)
+    assert s.redis_cluster_nodes == (("c0.redis", 6379), ("c1.redis", 6379))
+    assert s.redis_sharded_channels == ("market:tick:*", "ui:*")
 
 
 def test_external_redis_sentinel_tls_and_acl_user_reach_the_gateway(helm: Helm) -> None:

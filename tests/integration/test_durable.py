@@ -399,9 +399,10 @@ async def test_resume_ahead_of_this_pods_reader_is_not_delivered_twice(
     async with GatewayClient(durable_gateway.url) as first:
         await first.subscribe(channel)  # the topic exists; its cursor is the stream's end
         # Freeze this pod's reader, then let the stream move on without it.
-        assert durable._task is not None
-        durable._task.cancel()
-        await asyncio.gather(durable._task, return_exceptions=True)
+        (reader,) = [g.task for g in durable._groups.values()]
+        assert reader is not None
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
         ids = [await xadd(redis_client, channel, {"i": i}) for i in range(10)]
         async with GatewayClient(durable_gateway.url) as late:
             request = asyncio.create_task(

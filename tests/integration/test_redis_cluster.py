@@ -4,21 +4,25 @@ from any node, a killed node, a manual failover."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from redis_ws_gateway.client import GatewayClient
 from redis_ws_gateway.config import ConfigError, DurableRule, load_settings
-from tests.support.gateway import RunningGateway, gateway_settings
+from tests.support.gateway import RunningGateway, gateway_settings, wait_ready
 from tests.support.redis_server import RedisServer, free_port
 
 ARTIFACTS = Path(__file__).parents[2] / "artifacts"
@@ -177,9 +181,363 @@ async def test_manual_cluster_failover_keeps_delivering(
         assert frame["data"] == {"after": "failover"}
 
 
-def test_durable_channels_on_cluster_are_refused_clearly(tmp_path: Path) -> None:
-    f = tmp_path / "gw.yaml"
-    f.write_text("durable:\n  - {pattern: 'engine:decision:*'}\n")
-    with pytest.raises(ConfigError, match="not supported on Redis Cluster"):
-        load_settings({"REDIS_CLUSTER_NODES": "127.0.0.1:7000", "REDIS_WS_GATEWAY_CONFIG": str(f)})
-    assert DurableRule("x").pattern == "x"
+def test_sharded_channels_need_cluster_nodes() -> None:
+    with pytest.raises(ConfigError, match="needs REDIS_CLUSTER_NODES"):
+        load_settings({"REDIS_SHARDED_CHANNELS": "market:*"})
+    s = load_settings(
+        {"REDIS_CLUSTER_NODES": "127.0.0.1:7000", "REDIS_SHARDED_CHANNELS": "market:*, ui:*"}
+    )
+    assert s.redis_sharded_channels == ("market:*", "ui:*")
+
+
+# --- sharded pub/sub and durable channels on the cluster ------------------------
+
+SHARDED = "market:shard:*"
+DURABLE = "engine:decision:*"
+
+
+async def _admin(port: int) -> aioredis.Redis:
+    return aioredis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+
+
+async def _slot_owners(port: int) -> dict[int, int]:
+    """slot -> port of the master serving it, as node ``port`` sees it."""
+    r = await _admin(port)
+    try:
+        reply = await r.cluster("SLOTS")
+    finally:
+        await r.aclose()
+    owners: dict[int, int] = {}
+    for item in reply:
+        for slot in range(int(item[0]), int(item[1]) + 1):
+            owners[slot] = int(item[2][1])
+    return owners
+
+
+def _name_on(owners: dict[int, int], master: int, template: str, key_prefix: str = "") -> str:
+    """The first name from ``template`` whose key (prefix + name) lives on ``master``."""
+    for i in range(10_000):
+        name = template.format(i)
+        if owners[key_slot((key_prefix + name).encode())] == master:
+            return name
+    raise AssertionError(f"no name for master {master}")
+
+
+@pytest.fixture
+async def sharded_gateway(cluster: Cluster) -> AsyncIterator[RunningGateway]:
+    gw = RunningGateway(
+        gateway_settings(
+            "redis://127.0.0.1:1",
+            redis_cluster_nodes=tuple(("127.0.0.1", n.port) for n in cluster.nodes),
+            redis_sharded_channels=(SHARDED,),
+            durable=(DurableRule(DURABLE),),
+            api_key="k-cluster-1",
+        )
+    )
+    await gw.start()
+    await wait_ready(gw.http)
+    yield gw
+    await gw.stop()
+
+
+async def test_sharded_channels_are_read_from_each_slots_master(
+    cluster: Cluster, sharded_gateway: RunningGateway
+) -> None:
+    gw = sharded_gateway
+    seed = cluster.nodes[0].port
+    owners = await _slot_owners(seed)
+    masters = sorted(set(owners.values()))
+    assert len(masters) == 3
+    channels = [_name_on(owners, m, "market:shard:{}") for m in masters]
+    rc = aioredis.RedisCluster(host="127.0.0.1", port=seed)
+    try:
+        async with GatewayClient(gw.url) as c:
+            reply = await c.subscribe(*channels)
+            assert all(sub["live"] for sub in reply["subscriptions"])
+            sharded = gw.gateway.sharded
+            assert sharded is not None
+            assert sharded.stats()["nodes"] == [f"127.0.0.1:{m}" for m in masters]
+            async with aiohttp.ClientSession() as http, http.get(gw.http + "/metrics") as resp:
+                assert "redis_ws_gateway_sharded_connections 3.0" in await resp.text()
+            for i, ch in enumerate(channels):
+                # SPUBLISH stays on the slot's shard: only its subscribers see it.
+                assert await rc.spublish(ch, json.dumps({"i": i})) == 1
+            got = set()
+            for _ in channels:
+                f = await c.next_of_type("data")
+                got.add((f["channel"], f["data"]["i"]))
+            assert got == {(ch, i) for i, ch in enumerate(channels)}
+            # A classic PUBLISH to a sharded channel does not reach SSUBSCRIBE.
+            await rc.publish(channels[0], b'{"classic":1}')
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    gw.http + "/publish",
+                    json={"channel": channels[1], "data": {"via": "endpoint"}},
+                    headers={"Authorization": "Bearer k-cluster-1"},
+                ) as resp,
+            ):
+                assert resp.status == 200 and (await resp.json())["receivers"] == 1
+            frame = await c.next_of_type("data")
+            assert (frame["channel"], frame["data"]) == (channels[1], {"via": "endpoint"})
+            await c.unsubscribe(*channels)
+        deadline = time.monotonic() + 5
+        while sharded.stats()["nodes"]:
+            assert time.monotonic() < deadline, "links to idle masters were not closed"
+            await asyncio.sleep(0.02)
+    finally:
+        await rc.aclose()
+
+
+async def test_durable_channels_on_cluster_replay_and_tail_per_slot(
+    cluster: Cluster, sharded_gateway: RunningGateway
+) -> None:
+    """Streams on different masters: one reader per slot, replay, live."""
+    gw = sharded_gateway
+    seed = cluster.nodes[0].port
+    owners = await _slot_owners(seed)
+    masters = sorted(set(owners.values()))
+    channels = [_name_on(owners, m, "engine:decision:{}", "stream:") for m in masters]
+    rc = aioredis.RedisCluster(host="127.0.0.1", port=seed)
+    try:
+        first = {ch: await rc.xadd("stream:" + ch, {"data": b'{"n":0}'}) for ch in channels}
+        async with GatewayClient(gw.url) as c:
+            reply = await c.request(
+                "subscribe", channels=[{"channel": ch, "since": "0"} for ch in channels]
+            )
+            assert [s["replayed"] for s in reply["subscriptions"]] == [1, 1, 1]
+            replayed = {
+                f["channel"]: f["offset"] for f in [c.messages.get_nowait() for _ in channels]
+            }
+            assert replayed == {ch: first[ch].decode() for ch in channels}
+            later = {ch: await rc.xadd("stream:" + ch, {"data": b'{"n":1}'}) for ch in channels}
+            live = [await c.next_of_type("data") for _ in channels]
+            assert {f["channel"]: f["offset"] for f in live} == {
+                ch: later[ch].decode() for ch in channels
+            }
+            assert len(gw.gateway.durable._groups) == 3  # one XREAD per slot
+    finally:
+        await rc.aclose()
+
+
+class _Recorder:
+    """Every frame one client receives, with its arrival time."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[float, dict[str, Any]]] = []
+        self.changed = asyncio.Event()
+
+    async def __call__(self, frame: dict[str, Any]) -> bool:
+        self.frames.append((time.time(), frame))
+        self.changed.set()
+        return True
+
+    async def until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {what}"
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+
+    def data(self, channel: str) -> list[tuple[float, dict[str, Any]]]:
+        return [
+            (t, f) for t, f in self.frames if f.get("type") == "data" and f["channel"] == channel
+        ]
+
+    def notices(self, kind: str, channel: str) -> list[float]:
+        return [
+            t
+            for t, f in self.frames
+            if f.get("type") == kind
+            and any(s.get("channel") == channel for s in f.get("subscriptions", []))
+        ]
+
+
+async def _migrate_slot(slot: int, src: int, dst: int, masters: list[int]) -> None:
+    """Move ``slot`` and its keys from master ``src`` to master ``dst``, the
+    way ``redis-cli --cluster reshard`` does."""
+    s, d = await _admin(src), await _admin(dst)
+    try:
+        src_id, dst_id = await s.cluster("MYID"), await d.cluster("MYID")
+        await d.cluster("SETSLOT", slot, "IMPORTING", src_id)
+        await s.cluster("SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := await s.cluster("GETKEYSINSLOT", slot, 100):
+            await s.execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
+        for port in [dst, src, *(m for m in masters if m not in (src, dst))]:
+            r = await _admin(port)
+            try:
+                await r.cluster("SETSLOT", slot, "NODE", dst_id)
+            finally:
+                await r.aclose()
+    finally:
+        await s.aclose()
+        await d.aclose()
+
+
+async def _wait_for_promotion(cluster: Cluster, old_master: int, slot: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for node in cluster.nodes:
+            if node.proc is None:
+                continue
+            with contextlib.suppress(Exception):
+                owner = (await _slot_owners(node.port))[slot]
+                if owner != old_master:
+                    return owner
+        await asyncio.sleep(0.05)
+    raise AssertionError("no replica took over")
+
+
+@pytest.mark.parametrize("fault", ["cluster-failover", "master-kill", "slot-migration"])
+async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
+    cluster: Cluster, sharded_gateway: RunningGateway, fault: str
+) -> None:
+    """A sharded channel, a durable channel and a classic channel whose data
+    live on one master; that master fails over, dies, or gives its slots away
+    while publishers keep publishing."""
+    gw = sharded_gateway
+    seed = cluster.nodes[0].port
+    owners = await _slot_owners(seed)
+    masters = sorted(set(owners.values()))
+    victim = masters[0]
+    shard = _name_on(owners, victim, "market:shard:F{}")
+    durable = _name_on(owners, victim, "engine:decision:F{}", "stream:")
+    classic = "market:tick:F"
+    stream = "stream:" + durable
+    rc = aioredis.RedisCluster(host="127.0.0.1", port=seed)
+    rec = _Recorder()
+    acked: list[str] = []  # durable entries Redis confirmed (with a replica's ack)
+    stop = asyncio.Event()
+
+    async def publish_forever(kind: str) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            body = json.dumps({"n": n, "t": time.time()})
+            try:
+                if kind == "shard":
+                    await asyncio.wait_for(rc.spublish(shard, body), 3)
+                elif kind == "classic":
+                    await asyncio.wait_for(rc.publish(classic, body), 3)
+                else:
+                    entry = (await asyncio.wait_for(rc.xadd(stream, {"data": body}), 3)).decode()
+                    node = rc.get_node_from_key(stream)
+                    if (
+                        await asyncio.wait_for(
+                            rc.execute_command("WAIT", 1, 1000, target_nodes=node), 3
+                        )
+                        >= 1
+                    ):
+                        acked.append(entry)
+            except Exception:  # mid-failover: the next attempt goes to the new owner
+                pass
+            await asyncio.sleep(0.02)
+
+    client = GatewayClient(gw.url, on_frame=rec)
+    await client.connect()
+    publishers: list[asyncio.Task[None]] = []
+    try:
+        await client.subscribe(shard, classic, durable)
+        publishers = [
+            asyncio.create_task(publish_forever(k)) for k in ("shard", "classic", "durable")
+        ]
+        await rec.until(
+            lambda: all(rec.data(ch) for ch in (shard, classic, durable)) and len(acked) > 3,
+            10,
+            "traffic before the fault",
+        )
+        fault_at = time.time()
+        if fault == "cluster-failover":
+            replica = next(
+                n
+                for n in cluster.nodes
+                if f"master_port:{victim}" in n.command("info", "replication")
+            )
+            r = await _admin(replica.port)
+            try:
+                await r.cluster("FAILOVER")
+            finally:
+                await r.aclose()
+            await _wait_for_promotion(cluster, victim, key_slot(shard.encode()), 20)
+        elif fault == "master-kill":
+            cluster.by_port(victim).kill()
+            await _wait_for_promotion(cluster, victim, key_slot(shard.encode()), 20)
+        else:
+            target = masters[1]
+            for slot in {key_slot(shard.encode()), key_slot(stream.encode())}:
+                await _migrate_slot(slot, victim, target, masters)
+        fault_done = time.time()
+        # The sharded subscription was lost and came back, and its client was told.
+        await rec.until(lambda: rec.notices("resubscribed", shard), 30, "resubscribed")
+        lost, back = rec.notices("upstream_lost", shard), rec.notices("resubscribed", shard)
+        assert lost and lost[0] <= back[0], (lost, back)
+
+        def recovered(ch: str) -> bool:
+            return any(f["data"]["t"] > max(fault_done, back[0]) for _, f in rec.data(ch))
+
+        await rec.until(
+            lambda: all(recovered(ch) for ch in (shard, classic, durable)),
+            30,
+            "delivery after the fault",
+        )
+        after = [f for t, f in rec.data(shard) if t > back[0]]
+        assert after and after[0]["seq"] == 1  # a new epoch starts at 1
+        await asyncio.sleep(0.5)  # more durable entries after recovery (not a sync)
+        stop.set()
+        await asyncio.gather(*publishers)
+        last_acked = acked[-1]
+        await rec.until(
+            lambda: any(f.get("offset") == last_acked for _, f in rec.data(durable)),
+            15,
+            "the last acknowledged durable entry",
+        )
+        assert not client.closed.is_set(), "the client socket was closed"
+    finally:
+        stop.set()
+        await asyncio.gather(*publishers, return_exceptions=True)
+        await client.close()
+        await rc.aclose()
+
+    offsets = [f["offset"] for _, f in rec.data(durable)]
+    keys = [tuple(int(x) for x in o.split("-")) for o in offsets]
+    assert keys == sorted(set(keys)), "durable entries duplicated or out of order"
+    assert set(acked) <= set(offsets), "an acknowledged durable entry was never delivered"
+    assert not rec.notices("upstream_lost", durable)  # nothing to tell: nothing missed
+    survivor = next(n.port for n in cluster.nodes if n.proc is not None)
+    check = aioredis.RedisCluster(host="127.0.0.1", port=survivor)
+    try:
+        in_stream = [e[0].decode() for e in await check.xrange(stream, min=offsets[0])]
+    finally:
+        await check.aclose()
+    # No gap: every entry the stream holds from the first delivered one on
+    # was delivered (a kill may also have delivered writes the replica lacked).
+    assert set(in_stream) <= set(offsets)
+
+    def longest_gap(ch: str) -> float:
+        """The longest pause in delivery from the fault on (publishers send
+        every 20 ms): how long the channel was dark."""
+        times = [t for t, _ in rec.data(ch)]
+        before = [t for t in times if t <= fault_at]
+        window = ([before[-1]] if before else [fault_at]) + [t for t in times if t > fault_at]
+        return max(b - a for a, b in itertools.pairwise(window))
+
+    report = {
+        "fault": fault,
+        "fault_seconds": round(fault_done - fault_at, 3),
+        "sharded_notice_after_seconds": {
+            "upstream_lost": round(lost[0] - fault_at, 3),
+            "resubscribed": round(back[0] - fault_at, 3),
+        },
+        "longest_delivery_gap_seconds": {
+            "sharded": round(longest_gap(shard), 3),
+            "durable": round(longest_gap(durable), 3),
+            "classic": round(longest_gap(classic), 3),
+        },
+        "durable_entries_delivered": len(offsets),
+        "durable_entries_acknowledged": len(acked),
+    }
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"failover-cluster-{fault}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))

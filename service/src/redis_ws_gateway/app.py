@@ -49,6 +49,7 @@ from .limits import ConnectionCounter, TokenBucket, pattern_metachars
 from .metrics import Metrics, close_reason
 from .redis_conn import MasterLocator, tls_context
 from .session import Session
+from .sharded import ShardedUpstream
 from .snapshots import Snapshots
 from .tracing import provider_from_env, tracer_for
 from .upstream import Upstream
@@ -92,6 +93,11 @@ class Gateway:
             sentinel_check=settings.redis_sentinel_check_seconds,
         )
         self.hub.upstream = self.upstream
+        self.sharded: ShardedUpstream | None = None
+        if settings.redis_sharded_channels:
+            self.sharded = ShardedUpstream(settings, self.hub)
+            self.hub.sharded = self.sharded
+            self.hub.sharded_patterns = settings.redis_sharded_channels
         self.durable = Durable(settings, self.hub)
         if self.tracing:
             self.hub.tracer = self.tracer
@@ -118,6 +124,8 @@ class Gateway:
     async def start(self) -> None:
         await self.auth.start()
         self.upstream.start()
+        if self.sharded is not None:
+            self.sharded.start()
         self.durable.start()
 
     async def drain(self) -> None:
@@ -144,6 +152,8 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.upstream.stop()
+        if self.sharded is not None:
+            await self.sharded.stop()
         await self.durable.stop()
 
     # --- sessions -----------------------------------------------------------
@@ -511,6 +521,10 @@ class Gateway:
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
         if not self.upstream.is_up:
             return web.json_response({"ready": False, "reason": "redis unreachable"}, status=503)
+        if self.sharded is not None and not self.sharded.ready:
+            return web.json_response(
+                {"ready": False, "reason": "cluster slot map not read yet"}, status=503
+            )
         return web.json_response({"ready": True})
 
     async def static_file(self, request: web.Request) -> web.StreamResponse:
@@ -557,7 +571,11 @@ class Gateway:
             if spec is not None:
                 offset = await self.durable.publish(spec, payload)
                 return web.json_response({"channel": channel, "offset": offset.decode()})
-            receivers = await self.durable.redis.publish(channel, payload)
+            if self.hub.is_sharded(channel):
+                # SPUBLISH: routed by the cluster client to the slot's master.
+                receivers = await self.durable.redis.spublish(channel, payload)
+            else:
+                receivers = await self.durable.redis.publish(channel, payload)
         except (OSError, RedisError) as exc:
             log.warning("publish_failed", channel=channel, error=str(exc) or type(exc).__name__)
             return _http_error(503, "upstream_unavailable", "Redis is unreachable; retry")
@@ -646,6 +664,7 @@ class Gateway:
                     "patterns": len(self.hub.patterns),
                     "streams": len(self.hub.streams),
                     "messagesIn": self.hub.messages_in,
+                    "sharded": self.sharded.stats() if self.sharded is not None else None,
                 },
                 "durable": {
                     "readerUp": self.durable.reader_up,

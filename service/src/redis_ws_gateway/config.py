@@ -163,6 +163,7 @@ class Settings:
     redis_sentinel_password: str | None = None
     redis_sentinel_check_seconds: float = 1.0
     redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
+    redis_sharded_channels: tuple[str, ...] = ()
     roles: Mapping[str, RoleConfig] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     channel_policies: tuple[ChannelPolicy, ...] = DEFAULT_CHANNEL_POLICIES
 
@@ -342,6 +343,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_SENTINEL_PASSWORD": ("redis_sentinel_password", _nonempty),
     "REDIS_SENTINEL_CHECK_SECONDS": ("redis_sentinel_check_seconds", _float_range(0.05, 600)),
     "REDIS_CLUSTER_NODES": ("redis_cluster_nodes", _host_ports),
+    "REDIS_SHARDED_CHANNELS": ("redis_sharded_channels", _csv),
 }
 
 # Settings whose empty value means "unset" (e.g. an empty Secret key).
@@ -594,13 +596,11 @@ def _check_consistency(s: Settings) -> None:
         raise ConfigError(
             "REDIS_CLUSTER_NODES", s.redis_cluster_nodes, "cannot be used with REDIS_SENTINELS"
         )
-    if s.redis_cluster_nodes and (s.durable or s.streams):
-        # XREAD of many streams needs them in one slot; the reader does not
-        # split its read per slot yet.
+    if s.redis_sharded_channels and not s.redis_cluster_nodes:
         raise ConfigError(
-            "REDIS_CLUSTER_NODES",
-            s.redis_cluster_nodes,
-            "durable channels are not supported on Redis Cluster yet",
+            "REDIS_SHARDED_CHANNELS",
+            ",".join(s.redis_sharded_channels),
+            "sharded pub/sub needs REDIS_CLUSTER_NODES",
         )
     if bool(s.redis_tls_cert_file) != bool(s.redis_tls_key_file):
         raise ConfigError(

@@ -7,7 +7,10 @@ entry IDs, which are the same on every pod.
 
 One reader task per pod tails every durable topic that has subscribers with a
 single blocking XREAD, and routes entries like pub/sub messages (one frame
-per entry, shared by all subscribers). A subscriber that resumes from an
+per entry, shared by all subscribers). On Redis Cluster a multi-key XREAD
+must stay inside one hash slot, so there is one reader per slot in use, each
+on a connection to the master that owns the slot (the cluster client follows
+MOVED after a failover or a slot migration). A subscriber that resumes from an
 offset is first served from history by XRANGE in bounded batches, then
 attached to the live topic at the exact moment its replay has reached the
 reader's cursor, with no await between that check and the attach: every entry
@@ -27,8 +30,15 @@ from typing import Any
 
 import orjson
 import structlog
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol
@@ -41,7 +51,17 @@ from .session import Session
 
 log = structlog.get_logger("redis_ws_gateway.durable")
 
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# ClusterError: CLUSTERDOWN, TRYAGAIN, a slot no master covers during a
+# failover; RedisClusterException: no startup node answered.
+_REDIS_DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterError,
+    RedisClusterException,
+    TryAgainError,
+    AskError,
+)
 _BLOCK_MS = 250
 
 
@@ -125,11 +145,11 @@ class Durable:
         self._topics: dict[bytes, tuple[Topic, StreamSpec]] = {}
         self._caches: dict[bytes, ReplayCache] = {}
         self._creating: dict[str, asyncio.Future[Topic]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._cluster = bool(settings.redis_cluster_nodes)
+        self._groups: dict[int | None, _ReaderGroup] = {}
+        self._started = False
         self._replays = asyncio.Semaphore(settings.replay_concurrency)
-        self._wake = asyncio.Event()
         self._stopping = False
-        self.reader_up = False
         self.replays = 0
         self.replayed_entries = 0
         self.replayed_from_cache = 0
@@ -154,20 +174,28 @@ class Durable:
                 )
         return None
 
+    @property
+    def reader_up(self) -> bool:
+        """Every reader reads (true with nothing to read)."""
+        return all(group.up for group in self._groups.values())
+
     def start(self) -> None:
-        if self.enabled:
-            self._task = asyncio.create_task(self._read_loop(), name="durable-reader")
+        self._started = True
+        for group in list(self._groups.values()):
+            for topic, spec in list(group.topics.values()):
+                self._watch(topic, spec)
 
     async def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [g.task for g in self._groups.values() if g.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
             # redis-py can turn a cancellation inside a read into a connection
             # error, which the loop would survive; the flag and the bound make
             # sure stopping never hangs.
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, 5)
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
         await close_client(self._reader)
         await close_client(self.redis)
 
@@ -205,11 +233,11 @@ class Durable:
             topic = self._hub.durable_topic(spec.channel)
             topic.cursor = latest[0][0] if latest else b"0-0"
             self._topics[raw] = (topic, spec)
+            self._watch(topic, spec)
             if self._settings.replay_cache_entries:
                 self._caches[raw] = ReplayCache(
                     parse_id(topic.cursor), self._settings.replay_cache_entries
                 )
-            self._wake.set()
             fut.set_result(topic)
             return topic
         except BaseException as exc:
@@ -220,7 +248,10 @@ class Durable:
             del self._creating[spec.channel]
 
     def _released(self, topic: Topic) -> None:
-        self._topics.pop(topic.name.encode(), None)
+        pair = self._topics.pop(topic.name.encode(), None)
+        group = self._groups.get(self._slot(pair[1])) if pair is not None else None
+        if group is not None:
+            group.topics.pop(topic.name.encode(), None)
         self._caches.pop(topic.name.encode(), None)
 
     async def subscribe(
@@ -285,7 +316,9 @@ class Durable:
         wanted = parse_id("0-0" if since == "0" else since)
         try:
             info: Any = await self.redis.xinfo_stream(spec.key)
-        except ResponseError:
+        except ResponseError as exc:
+            if isinstance(exc, _REDIS_DOWN):
+                raise  # TRYAGAIN/MOVED mid-failover: retried, not "no stream"
             # No such stream: fine for "from the beginning", otherwise the
             # client holds an offset of a stream that is gone.
             return wanted == (0, 0)
@@ -323,7 +356,6 @@ class Durable:
             # The client has seen entries this pod's reader has not read yet
             # (it resumed from another pod): attaching now would deliver them
             # a second time. The reader catches up within one read.
-            self._wake.set()
             await asyncio.sleep(0.005)
             if session.closing:
                 return replayed
@@ -407,31 +439,57 @@ class Durable:
 
     # --- the live reader -------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    def _slot(self, spec: StreamSpec) -> int | None:
+        return key_slot(spec.key.encode()) if self._cluster else None
+
+    def _group(self, spec: StreamSpec) -> _ReaderGroup:
+        slot = self._slot(spec)
+        group = self._groups.get(slot)
+        if group is None:
+            group = self._groups[slot] = _ReaderGroup(slot)
+        return group
+
+    def _watch(self, topic: Topic, spec: StreamSpec) -> None:
+        group = self._group(spec)
+        group.topics[topic.name.encode()] = (topic, spec)
+        if self._started and (group.task is None or group.task.done()):
+            name = "durable-reader" if group.slot is None else f"durable-reader-{group.slot}"
+            group.task = asyncio.create_task(self._read_group(group), name=name)
+
+    async def _read_group(self, group: _ReaderGroup) -> None:
         delay = self._settings.redis_reconnect_min_seconds
+        where = {} if group.slot is None else {"slot": group.slot}
         while not self._stopping:
-            streams: Any = {spec.key: topic.cursor for topic, spec in self._topics.values()}
+            streams: Any = {spec.key: topic.cursor for topic, spec in group.topics.values()}
             if not streams:
-                await self._wake.wait()
-                self._wake.clear()
-                continue
+                # Nobody reads this slot any more. No await since the check,
+                # so a topic added from now on finds no group and starts one.
+                if self._groups.get(group.slot) is group:
+                    del self._groups[group.slot]
+                return
             try:
                 reply: Any = await self._reader.xread(streams, count=1000, block=_BLOCK_MS)
-            except _REDIS_DOWN as exc:
-                if self.reader_up:
-                    log.warning("durable_reader_down", error=str(exc) or type(exc).__name__)
-                self.reader_up = False
+            except Exception as exc:
+                # Anything: a failover ends a blocked XREAD with "UNBLOCKED
+                # ... master -> replica", a migration with MOVED. The reader
+                # must outlive every error; the next XREAD goes where the
+                # cluster client now routes it.
+                if group.up:
+                    log.warning(
+                        "durable_reader_down", error=str(exc) or type(exc).__name__, **where
+                    )
+                group.up = False
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._settings.redis_reconnect_max_seconds)
                 continue
-            if not self.reader_up:
-                log.info("durable_reader_up", streams=len(streams))
-            self.reader_up = True
+            if not group.up:
+                log.info("durable_reader_up", streams=len(streams), **where)
+            group.up = True
             delay = self._settings.redis_reconnect_min_seconds
             if not reply:
                 continue
             self._hub.on_batch_start()
-            by_key = {spec.key.encode(): (topic, spec) for topic, spec in self._topics.values()}
+            by_key = {spec.key.encode(): (topic, spec) for topic, spec in group.topics.values()}
             for key, entries in reply:
                 pair = by_key.get(key)
                 if pair is None:
@@ -450,6 +508,19 @@ class Durable:
                     if cache is not None:
                         cache.append(entry, _replay_frame(channel, entry_id, payload))
             self._hub.on_batch_end()
+
+
+class _ReaderGroup:
+    """The durable topics one blocking XREAD tails: all of them, or on a
+    Redis Cluster those whose stream key is in ``slot``."""
+
+    __slots__ = ("slot", "task", "topics", "up")
+
+    def __init__(self, slot: int | None) -> None:
+        self.slot = slot
+        self.topics: dict[bytes, tuple[Topic, StreamSpec]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.up = False
 
 
 def _replay_frame(channel: bytes, entry_id: bytes, payload: bytes) -> bytes:

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -26,7 +26,10 @@ from .config import ChannelPolicy, Policy
 from .globmatch import glob_match, is_pattern
 from .session import Session
 from .tracing import link_from_traceparent
-from .upstream import Kind, Upstream
+from .upstream import Kind, SubKind, Upstream
+
+if TYPE_CHECKING:
+    from .sharded import ShardedUpstream
 
 log = structlog.get_logger("redis_ws_gateway.hub")
 
@@ -47,6 +50,7 @@ class Topic:
         "ready",
         "seq",
         "sessions",
+        "sharded",
         "waiters",
     )
 
@@ -64,6 +68,8 @@ class Topic:
         # Durable topics: fed by the stream reader, not by Redis pub/sub.
         self.durable = False
         self.cursor = b""
+        # Sharded: an exact channel read with SSUBSCRIBE from its slot's master.
+        self.sharded = False
         # The data-frame prefix of an exact channel never changes: encode once.
         self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
 
@@ -86,6 +92,8 @@ class Hub:
         slow_consumer_grace: float,
     ) -> None:
         self.upstream: Upstream | None = None
+        self.sharded: ShardedUpstream | None = None
+        self.sharded_patterns: tuple[str, ...] = ()
         self.channels: dict[bytes, Topic] = {}
         self.patterns: dict[bytes, Topic] = {}
         self.streams: dict[bytes, Topic] = {}
@@ -133,6 +141,12 @@ class Hub:
         self._policy_cache[channel] = policy
         return policy
 
+    def is_sharded(self, channel: str) -> bool:
+        """Read with SSUBSCRIBE (and published with SPUBLISH) on the cluster."""
+        return self.sharded is not None and any(
+            glob_match(p, channel) for p in self.sharded_patterns
+        )
+
     def upstream_counts(self) -> tuple[int, int]:
         return len(self.channels), len(self.patterns)
 
@@ -179,6 +193,7 @@ class Hub:
         topic = table.get(raw)
         if topic is None:
             topic = Topic(kind, name)
+            topic.sharded = kind == "channel" and self.is_sharded(name)
             table[raw] = topic
             self._request_upstream(topic)
         elif topic.lingering is not None:
@@ -188,8 +203,21 @@ class Hub:
 
     def _request_upstream(self, topic: Topic) -> None:
         topic.ready = asyncio.get_running_loop().create_future()
-        if self.upstream is None or not self.upstream.subscribe(topic.kind, topic.name.encode()):
+        raw = topic.name.encode()
+        if topic.sharded:
+            assert self.sharded is not None
+            sent = self.sharded.subscribe(raw)
+        else:
+            sent = self.upstream is not None and self.upstream.subscribe(topic.kind, raw)
+        if not sent:
             topic.ready.set_result(False)
+
+    def expect_confirmation(self, channel: bytes) -> None:
+        """A sharded channel is being subscribed again: new subscribers wait
+        for the confirmation instead of starting out not live."""
+        topic = self.channels.get(channel)
+        if topic is not None and (topic.ready is None or topic.ready.done()):
+            topic.ready = asyncio.get_running_loop().create_future()
 
     def durable_topic(self, channel: str) -> Topic:
         raw = channel.encode()
@@ -276,15 +304,18 @@ class Hub:
         raw = topic.name.encode()
         if table.get(raw) is topic:
             del table[raw]
-            if self.upstream is not None:
+            if topic.sharded:
+                if self.sharded is not None:
+                    self.sharded.unsubscribe(raw)
+            elif self.upstream is not None:
                 self.upstream.unsubscribe(topic.kind, raw)
             log.debug("upstream_released", **{topic.kind: topic.name})
 
     # --- upstream events (called synchronously from the Redis protocol) -------
 
-    def on_confirmed(self, kind: Kind, name: bytes, error: str | None) -> None:
-        topic = self._table(kind).get(name)
-        if topic is None:
+    def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None:
+        topic = (self.patterns if kind == "pattern" else self.channels).get(name)
+        if topic is None or topic.sharded != (kind == "shard"):
             return
         if error is not None:
             log.error("upstream_subscribe_refused", **{kind: topic.name}, error=error)
@@ -310,25 +341,40 @@ class Hub:
         assert self.upstream is not None
         for table in (self.channels, self.patterns):
             for topic in table.values():
+                if topic.sharded:
+                    continue
                 if topic.ready is None or topic.ready.done():
                     topic.ready = asyncio.get_running_loop().create_future()
                 self.upstream.subscribe(topic.kind, topic.name.encode())
 
     def on_upstream_down(self) -> None:
+        self.topics_lost(
+            t for table in (self.channels, self.patterns) for t in table.values() if not t.sharded
+        )
+
+    def on_shard_lost(self, name: bytes) -> None:
+        """Not for this connection: the classic one never holds shard channels."""
+
+    def shard_channels_lost(self, names: Iterable[bytes]) -> None:
+        topics = (self.channels.get(n) for n in names)
+        self.topics_lost(t for t in topics if t is not None and t.sharded and t.live)
+
+    def topics_lost(self, topics: Iterable[Topic]) -> None:
+        """Their upstream subscription is gone: tell every subscriber, once."""
         lost: dict[Session, list[dict[str, Any]]] = {}
-        for table in (self.channels, self.patterns):
-            for topic in table.values():
-                topic.live = False
-                if topic.ready is not None and not topic.ready.done():
-                    topic.ready.set_result(False)
-                if topic.sessions:
-                    topic.needs_notice = True
-                    brief = topic.describe(with_state=False)
-                    for session in topic.sessions:
-                        lost.setdefault(session, []).append(brief)
+        for topic in topics:
+            topic.live = False
+            if topic.ready is not None and not topic.ready.done():
+                topic.ready.set_result(False)
+            if topic.sessions:
+                topic.needs_notice = True
+                brief = topic.describe(with_state=False)
+                for session in topic.sessions:
+                    lost.setdefault(session, []).append(brief)
         for session, subs in lost.items():
             session.send_control(protocol.upstream_lost_message(subs))
-        log.warning("clients_notified_upstream_lost", sessions=len(lost))
+        if lost:
+            log.warning("clients_notified_upstream_lost", sessions=len(lost))
 
     def on_batch_start(self) -> None:
         self._batch_started = time.perf_counter()

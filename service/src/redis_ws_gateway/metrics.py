@@ -186,4 +186,15 @@ class _StateCollector(Collector):
             "Durable history entries sent",
             gw.durable.replayed_entries,
         )
+        if gw.sharded is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_sharded_connections",
+                "Sharded pub/sub connections (one per cluster master in use)",
+                gw.sharded.connections(),
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_sharded_channel_moves",
+                "Sharded channels moved to another master (slot migration, failover)",
+                gw.sharded.moves,
+            )
         yield GaugeMetricFamily(f"{PREFIX}_draining", "1 while shutting down", int(gw.draining))

@@ -34,7 +34,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-def _connection_kwargs(settings: Settings) -> dict[str, Any]:
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "socket_connect_timeout": settings.redis_connect_timeout_seconds,
     }
@@ -69,7 +69,7 @@ def sentinel(settings: Settings) -> Sentinel | None:
     return Sentinel(  # type: ignore[no-untyped-call]
         list(settings.redis_sentinels),
         sentinel_kwargs=sentinel_kwargs,
-        **_connection_kwargs(settings),
+        **connection_kwargs(settings),
     )
 
 
@@ -78,7 +78,7 @@ def make_client(settings: Settings, *, single_connection: bool = False) -> aiore
     if settings.redis_cluster_nodes:
         # Routes each key to the node owning its slot and follows MOVED/ASK.
         nodes = [ClusterNode(host, port) for host, port in settings.redis_cluster_nodes]
-        cluster: Any = RedisCluster(startup_nodes=nodes, **_connection_kwargs(settings))
+        cluster: Any = RedisCluster(startup_nodes=nodes, **connection_kwargs(settings))
         return cast(aioredis.Redis, cluster)
     s = sentinel(settings)
     if s is not None:
@@ -91,13 +91,13 @@ def make_client(settings: Settings, *, single_connection: bool = False) -> aiore
         return aioredis.Redis(
             unix_socket_path=u.path,
             single_connection_client=single_connection,
-            **{k: v for k, v in _connection_kwargs(settings).items() if not k.startswith("ssl")},
+            **{k: v for k, v in connection_kwargs(settings).items() if not k.startswith("ssl")},
         )
     return aioredis.Redis(
         host=u.hostname or "127.0.0.1",
         port=u.port or 6379,
         single_connection_client=single_connection,
-        **_connection_kwargs(settings),
+        **connection_kwargs(settings),
     )
 
 

@@ -34,9 +34,19 @@ from .redis_conn import MasterLocator
 log = structlog.get_logger("redis_ws_gateway.upstream")
 
 Kind = Literal["channel", "pattern"]
-_SUB_CMD: dict[Kind, bytes] = {"channel": b"SUBSCRIBE", "pattern": b"PSUBSCRIBE"}
+# "shard": an exact channel in sharded pub/sub (SSUBSCRIBE, Redis Cluster).
+SubKind = Literal["channel", "pattern", "shard"]
+_SUB_CMD: dict[SubKind, bytes] = {
+    "channel": b"SUBSCRIBE",
+    "pattern": b"PSUBSCRIBE",
+    "shard": b"SSUBSCRIBE",
+}
 _CONFIRMED_VERBS = frozenset(_SUB_CMD.values())
-_UNSUB_CMD: dict[Kind, bytes] = {"channel": b"UNSUBSCRIBE", "pattern": b"PUNSUBSCRIBE"}
+_UNSUB_CMD: dict[SubKind, bytes] = {
+    "channel": b"UNSUBSCRIBE",
+    "pattern": b"PUNSUBSCRIBE",
+    "shard": b"SUNSUBSCRIBE",
+}
 
 
 class UpstreamListener(Protocol):
@@ -45,7 +55,9 @@ class UpstreamListener(Protocol):
     def on_batch_end(self) -> None: ...
     def on_upstream_up(self) -> None: ...
     def on_upstream_down(self) -> None: ...
-    def on_confirmed(self, kind: Kind, name: bytes, error: str | None) -> None: ...
+    def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None: ...
+    def on_shard_lost(self, name: bytes) -> None:
+        """The server dropped a sharded subscription (its slot moved away)."""
 
 
 class UpstreamError(Exception):
@@ -84,26 +96,36 @@ def _where(address: RedisAddress, connected: tuple[str, int] | None) -> str:
 
 
 class _Expect:
-    """One outstanding command, answered by exactly one reply."""
+    """One outstanding command: answered by one reply, except a subscribe
+    command, which gets one confirmation per name (or one error)."""
 
-    __slots__ = ("future", "kind", "name", "verb")
+    __slots__ = ("future", "kind", "left", "names", "verb")
 
     def __init__(
-        self, verb: bytes, kind: Kind | None, name: bytes | None, future: asyncio.Future[Any] | None
+        self,
+        verb: bytes,
+        kind: SubKind | None,
+        names: tuple[bytes, ...],
+        future: asyncio.Future[Any] | None,
     ) -> None:
         self.verb = verb
         self.kind = kind
-        self.name = name
+        self.names = names
+        self.left = max(1, len(names))
         self.future = future
 
 
 class PubSubProtocol(asyncio.Protocol):
     """One TCP connection to Redis in RESP2 subscribe mode.
 
-    Every command sent here (AUTH, CLIENT SETNAME, one SUBSCRIBE per name,
-    PING) produces exactly one reply, so a FIFO of expectations maps each
-    reply, error replies included, to the command that caused it. Pushed
-    ``message``/``pmessage`` arrays are the only other traffic.
+    Every command sent here (AUTH, CLIENT SETNAME, PING, UNSUBSCRIBE)
+    produces exactly one reply, and a subscribe command one confirmation per
+    name or a single error, so a FIFO of expectations maps each reply, error
+    replies included, to the command that caused it. Pushed
+    ``message``/``pmessage``/``smessage`` arrays and ``sunsubscribe`` are the
+    other traffic: Redis sends ``sunsubscribe`` on its own when a slot moves
+    away, so those replies are matched by name against the SUNSUBSCRIBEs this
+    side sent, never through the FIFO.
     """
 
     def __init__(self, listener: UpstreamListener) -> None:
@@ -115,6 +137,7 @@ class PubSubProtocol(asyncio.Protocol):
         self.last_pong = time.monotonic()
         self.ping_sent_at: float | None = None
         self.subscribed_mode = False
+        self._sunsubscribing: dict[bytes, int] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -144,6 +167,12 @@ class PubSubProtocol(asyncio.Protocol):
                     if kind == b"pmessage":
                         listener.on_message(reply[2], reply[1], reply[3])
                         continue
+                    if kind == b"smessage":
+                        listener.on_message(reply[1], None, reply[2])
+                        continue
+                    if kind == b"sunsubscribe":
+                        self._on_sunsubscribe(reply[1])
+                        continue
                 self._on_reply(reply)
         except hiredis.ProtocolError as exc:
             log.error("upstream_protocol_error", error=str(exc))
@@ -152,26 +181,53 @@ class PubSubProtocol(asyncio.Protocol):
         finally:
             listener.on_batch_end()
 
+    def _on_sunsubscribe(self, name: bytes) -> None:
+        mine = self._sunsubscribing.get(name, 0)
+        if mine:
+            if mine == 1:
+                del self._sunsubscribing[name]
+            else:
+                self._sunsubscribing[name] = mine - 1
+            return
+        self._listener.on_shard_lost(name)
+
     def _on_reply(self, reply: Any) -> None:
         if not self._expect:
             log.warning("upstream_unexpected_reply", reply=repr(reply)[:200])
             return
-        exp = self._expect.popleft()
+        exp = self._expect[0]
+        is_error = isinstance(reply, hiredis.ReplyError)
+        if exp.kind is not None and exp.names and exp.verb in _CONFIRMED_VERBS:
+            # Synchronously, so that messages that follow the confirmation in
+            # the same read are routed with the subscription's new state.
+            if is_error:
+                self._expect.popleft()
+                log.warning(
+                    "upstream_command_refused",
+                    command=exp.verb.decode(),
+                    names=[n.decode("utf-8", "replace") for n in exp.names[:10]],
+                    error=str(reply),
+                )
+                for name in exp.names:
+                    self._listener.on_confirmed(exp.kind, name, str(reply))
+                return
+            exp.left -= 1
+            if exp.left == 0:
+                self._expect.popleft()
+            name = reply[1] if type(reply) is list and len(reply) >= 2 else exp.names[0]
+            self._listener.on_confirmed(exp.kind, name, None)
+            return
+        self._expect.popleft()
         if exp.verb == b"PING":
             self.last_pong = time.monotonic()
             self.ping_sent_at = None
-        if exp.kind is not None and exp.name is not None and exp.verb in _CONFIRMED_VERBS:
-            # Synchronously, so that messages that follow the confirmation in
-            # the same read are routed with the subscription's new state.
-            error = str(reply) if isinstance(reply, hiredis.ReplyError) else None
-            self._listener.on_confirmed(exp.kind, exp.name, error)
         fut = exp.future
         if fut is None or fut.done():
             if isinstance(reply, hiredis.ReplyError):
                 log.warning(
                     "upstream_command_refused",
                     command=exp.verb.decode(),
-                    name=exp.name.decode("utf-8", "replace") if exp.name else None,
+                    names=[n.decode("utf-8", "replace") for n in exp.names[:10]],
                     error=str(reply),
                 )
             return
@@ -184,14 +240,18 @@ class PubSubProtocol(asyncio.Protocol):
         self,
         verb: bytes,
         *args: bytes,
-        kind: Kind | None = None,
-        name: bytes | None = None,
+        kind: SubKind | None = None,
+        names: tuple[bytes, ...] = (),
         want_reply: bool = True,
     ) -> asyncio.Future[Any] | None:
         if self.transport is None or self.transport.is_closing():
             raise UpstreamError("not connected")
         fut = asyncio.get_running_loop().create_future() if want_reply else None
-        self._expect.append(_Expect(verb, kind, name, fut))
+        if verb == b"SUNSUBSCRIBE":
+            for name in names:
+                self._sunsubscribing[name] = self._sunsubscribing.get(name, 0) + 1
+        else:
+            self._expect.append(_Expect(verb, kind, names, fut))
         # hiredis's stub types the command as a 1-tuple; any length is accepted.
         self.transport.write(hiredis.pack_command((verb, *args)))  # type: ignore[arg-type]
         return fut
@@ -277,21 +337,23 @@ class Upstream:
             except asyncio.CancelledError:
                 pass
 
-    def subscribe(self, kind: Kind, name: bytes) -> bool:
-        """Send (P)SUBSCRIBE now if connected; the listener's on_confirmed
-        answers it. False: not connected, it is sent again on reconnect."""
+    def subscribe(self, kind: SubKind, *names: bytes) -> bool:
+        """Send one (P|S)SUBSCRIBE for ``names`` now if connected; the
+        listener's on_confirmed answers each name. False: not connected, the
+        listener subscribes again from on_upstream_up. (Names of one SSUBSCRIBE
+        must share a hash slot.)"""
         if not self.is_up or self._conn is None:
             return False
         try:
-            self._conn.send(_SUB_CMD[kind], name, kind=kind, name=name, want_reply=False)
+            self._conn.send(_SUB_CMD[kind], *names, kind=kind, names=names, want_reply=False)
         except UpstreamError:
             return False
         return True
 
-    def unsubscribe(self, kind: Kind, name: bytes) -> None:
+    def unsubscribe(self, kind: SubKind, name: bytes) -> None:
         if self.is_up and self._conn is not None:
             try:
-                self._conn.send(_UNSUB_CMD[kind], name, kind=kind, name=name, want_reply=False)
+                self._conn.send(_UNSUB_CMD[kind], name, kind=kind, names=(name,), want_reply=False)
             except UpstreamError:
                 pass
 
