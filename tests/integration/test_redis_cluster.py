@@ -22,6 +22,7 @@ from redis.crc import key_slot
 
 from redis_ws_gateway.client import GatewayClient
 from redis_ws_gateway.config import ConfigError, DurableRule, load_settings
+from redis_ws_gateway.publish import apublish
 from tests.support.gateway import RunningGateway, gateway_settings, wait_ready
 from tests.support.redis_server import RedisServer, free_port
 
@@ -261,7 +262,7 @@ async def test_sharded_channels_are_read_from_each_slots_master(
                 assert "redis_ws_gateway_sharded_connections 3.0" in await resp.text()
             for i, ch in enumerate(channels):
                 # SPUBLISH stays on the slot's shard: only its subscribers see it.
-                assert await rc.spublish(ch, json.dumps({"i": i})) == 1
+                assert await apublish(rc, ch, {"i": i}, sharded=True) == 1
             got = set()
             for _ in channels:
                 f = await c.next_of_type("data")

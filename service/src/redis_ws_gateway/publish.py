@@ -30,6 +30,8 @@ subscriber sees is exactly what ``encode`` wrote:
 Layouts, as the gateway reads them:
 
 - plain channel: ``PUBLISH <channel> <payload>``;
+- sharded channel (Redis Cluster, ``REDIS_SHARDED_CHANNELS``):
+  ``SPUBLISH <channel> <payload>``;
 - durable channel: ``XADD <prefix><channel> MAXLEN ~ <maxlen> * data <payload>``,
   one stream entry per message, the payload in the field ``data``. The
   returned entry ID is the message's ``offset``.
@@ -91,9 +93,13 @@ def _entry_id(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def publish(client: redis.Redis, channel: str, data: Any) -> int:
+def publish(client: redis.Redis, channel: str, data: Any, *, sharded: bool = False) -> int:
     """PUBLISH ``data`` on ``channel``; returns how many Redis subscribers
-    (gateway pods, not WebSocket clients) received it."""
+    (gateway pods, not WebSocket clients) received it. ``sharded``: SPUBLISH,
+    for channels the gateway reads with sharded pub/sub on Redis Cluster
+    (``REDIS_SHARDED_CHANNELS``; pass a ``RedisCluster`` client)."""
+    if sharded:
+        return client.spublish(channel, encode(data))
     return client.publish(channel, encode(data))
 
 
@@ -113,8 +119,12 @@ def publish_durable(
     return _entry_id(entry_id)
 
 
-async def apublish(client: aioredis.Redis, channel: str, data: Any) -> int:
+async def apublish(
+    client: aioredis.Redis, channel: str, data: Any, *, sharded: bool = False
+) -> int:
     """``publish`` for ``redis.asyncio``."""
+    if sharded:
+        return await client.spublish(channel, encode(data))
     return await client.publish(channel, encode(data))
 
 
