@@ -286,14 +286,16 @@ class ShardedUpstream:
             self._stale.clear()
             try:
                 self.map = await self._read_map()
+                self.refreshes += 1
+                self._rehome()
             except Exception as exc:
-                log.warning("cluster_slots_failed", error=str(exc) or type(exc).__name__)
+                # This task is what moves channels back to life: it must
+                # outlive any error and try again.
+                log.warning("cluster_map_failed", error=str(exc) or type(exc).__name__)
                 self._stale.set()
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._settings.redis_reconnect_max_seconds)
                 continue
-            self.refreshes += 1
-            self._rehome()
             if self._unsettled():
                 # A failover in progress: the map still names a dead master.
                 # Look again soon, backing off, but never for long: the
