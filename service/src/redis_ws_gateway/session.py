@@ -119,10 +119,10 @@ class Session:
         transport = self.transport
         if self.closing or transport.is_closing():
             return
+        # Over the high-water mark the transport calls pause_writing() inside
+        # write(), and the connection makes the session lag (connection.py).
         transport.write(data)
         self.bytes_sent += len(data)
-        if transport.get_write_buffer_size() > self.high_water:
-            self.start_lagging()
 
     def start_lagging(self) -> None:
         if not self.lagging:
