@@ -279,12 +279,12 @@ class WsConnection(asyncio.Protocol):
             elif isinstance(event, CloseConnection):
                 if parser.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
                     # The client's close: answered with 1000, as aiohttp did.
-                    self.close_code = event.code
+                    self.close_code = int(event.code)
                     self._close(CLOSE_NORMAL, "")
                 else:
                     # wsproto reports a protocol violation (bad frame, bad
                     # UTF-8: 1002, 1007) as a close it wants sent.
-                    self._close(event.code, "")
+                    self._close(int(event.code), "")
                 return
             # Pong: only last_seen matters.
         if self.msg_parts is None and parser_idle(parser):
