@@ -148,9 +148,6 @@ class Wheel:
         else:
             bucket.append(conn)
 
-    def __len__(self) -> int:
-        return sum(len(b) for b in self._slots.values())
-
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
