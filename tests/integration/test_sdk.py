@@ -229,8 +229,8 @@ async def test_close_1012_reconnects_and_calls_the_token_provider_again(
     states = StateLog()
     async with fast_client(gw.url, provider, on_state=states) as client:
         async with client.subscribe_iter("market:tick:X") as sub:
-            for ws in list(gw.gateway.sessions.values()):
-                await ws.close(code=1012, message=b"service restart")
+            for session in list(gw.gateway.sessions):
+                gw.gateway.disconnect(session, 1012, "service restart")
             await states.reach("reconnecting")
             await client.wait_connected(10)
             assert client.close_code == 1012

@@ -38,8 +38,8 @@ class RunningGateway:
 
     async def stop(self) -> None:
         self.gateway.draining = True
-        for ws in list(self.gateway.sessions.values()):
-            await ws.close()
+        for session in list(self.gateway.sessions):
+            self.gateway.disconnect(session, 1000, "")
         await self.gateway.stop()
         if self.runner is not None:
             await self.runner.cleanup()

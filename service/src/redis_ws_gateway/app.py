@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from . import protocol
 from .auth import Authenticator, Principal, build_acl
 from .config import Settings, SnapshotRule
+from .connection import Detached, Wheel, WsConnection, detach
 from .durable import Durable, StreamSpec
 from .errors import (
     BadChannel,
@@ -56,9 +57,11 @@ from .upstream import Upstream
 
 log = structlog.get_logger("redis_ws_gateway.app")
 
+CLOSE_ABNORMAL = 1006
 CLOSE_POLICY = 1008
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_ADMIN = 4000
+CLOSE_SERVER_ERROR = 1011
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_RATE_LIMITED = 4029
 SUBPROTOCOL = "rwg.v1"
@@ -104,12 +107,13 @@ class Gateway:
             self.hub.trace_sample_rate = settings.trace_delivery_sample_rate
         self.upstream.tracer = self.tracer
         self.snapshots = Snapshots(settings, self.durable.redis)
-        self.sessions: dict[Session, web.WebSocketResponse] = {}
+        self.sessions: dict[Session, WsConnection] = {}
+        # Server pings and dead-peer checks of every connection: one timer.
+        self.wheel = Wheel(settings.ws_ping_interval_seconds)
         self.draining = False
         self.started_at = time.time()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(2).hex()
-        self._close_tasks: set[asyncio.Task[None]] = set()
         self.connections = ConnectionCounter(
             settings.max_connections,
             settings.max_connections_per_ip,
@@ -141,7 +145,7 @@ class Gateway:
 
         async def close_later(session: Session, delay: float) -> None:
             await asyncio.sleep(delay)
-            await self._close_ws(session, CLOSE_SERVICE_RESTART, "service restart")
+            self.disconnect(session, CLOSE_SERVICE_RESTART, "service restart")
 
         # One task per client, all concurrent; the spread, not a sequential
         # await, is what paces them.
@@ -151,6 +155,11 @@ class Gateway:
         log.info("drain_finished")
 
     async def stop(self) -> None:
+        # Connections left after the drain (or without one): aiohttp no
+        # longer owns them, so its cleanup would not close them.
+        for session in list(self.sessions):
+            self.disconnect(session, CLOSE_SERVICE_RESTART, "service restart")
+        self.wheel.stop()
         await self.upstream.stop()
         if self.sharded is not None:
             await self.sharded.stop()
@@ -158,21 +167,19 @@ class Gateway:
 
     # --- sessions -----------------------------------------------------------
 
-    def _schedule_close(self, session: Session, code: int, reason: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._close_ws(session, code, reason))
-        self._close_tasks.add(task)
-        task.add_done_callback(self._close_tasks.discard)
+    def _close_session(self, session: Session, code: int, reason: str) -> None:
+        """Session.close(): the close frame goes out now; the clean-up waits
+        for the next loop iteration (see WsConnection._finish_soon)."""
+        self.disconnect(session, code, reason)
 
-    async def _close_ws(self, session: Session, code: int, reason: str) -> None:
-        ws = self.sessions.get(session)
-        if ws is None or ws.closed:
+    def disconnect(self, session: Session, code: int, reason: str) -> None:
+        """Close one client's connection with ``code`` (close frame, then the
+        socket)."""
+        conn = self.sessions.get(session)
+        if conn is None or conn.closing or conn.lost:
             return
-        session.closing = True
         log.info("connection_closing", conn=session.id, code=code, reason=reason)
-        try:
-            await ws.close(code=code, message=reason.encode())
-        except (ConnectionError, RuntimeError):
-            pass
+        conn.close(code, reason)
 
     async def handle_ws(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
@@ -215,21 +222,19 @@ class Gateway:
                 else ("limit_ip" if "address" in refusal else "limit_user")
             )
             return self._reject(status, reason, refusal)
+        # aiohttp validates the upgrade and writes the 101; pings, client
+        # frames and closing are the WsConnection's (heartbeat off here).
         ws = web.WebSocketResponse(
-            heartbeat=s.ws_ping_interval_seconds,
             max_msg_size=s.ws_max_message_bytes,
             compress=False,
-            autoping=True,
             # Only our protocol name is ever echoed, never the token a browser
             # put in Sec-WebSocket-Protocol.
             protocols=(SUBPROTOCOL,) if via_protocol else (),
-            # How long close() waits for the client's close reply: bounded so
-            # that a dead peer cannot stretch the drain past the grace period.
-            timeout=3.0,
         )
-        await ws.prepare(request)
         transport = request.transport
-        if transport is None:
+        if transport is None or not ws.can_prepare(request).ok:
+            # A malformed upgrade: aiohttp refuses it as it always did.
+            await ws.prepare(request)
             return ws
         sock = transport.get_extra_info("socket")
         if s.socket_send_buffer_bytes and sock is not None:
@@ -246,70 +251,133 @@ class Gateway:
             high_water=s.outbound_high_water_bytes,
             on_dirty=self.hub.mark_dirty,
             on_lagging=self.hub.mark_lagging,
-            close=self._schedule_close,
+            close=self._close_session,
         )
-        self.sessions[session] = ws
-        self.connections.add(ip, user)
-        counted: list[str | None] = [user]
-        bucket = TokenBucket(s.rate_limit_per_second, s.rate_limit_burst)
-        timers: dict[str, asyncio.TimerHandle] = {}
+        conn = WsConnection(
+            self,
+            transport,
+            session,
+            self.wheel,
+            ip=ip,
+            counted_user=user,
+            bucket=TokenBucket(s.rate_limit_per_second, s.rate_limit_burst),
+            max_size=s.ws_max_message_bytes,
+        )
+        # From here on the socket's bytes go to conn (held until start()).
+        handler = request.protocol
+        transport.set_protocol(conn)
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            transport.set_protocol(handler)
+            raise
+        detach(request)
+        # pause_writing() past the high-water mark makes the session lag;
+        # resume_writing() at half of it drains the backlog.
+        transport.set_write_buffer_limits(
+            high=s.outbound_high_water_bytes, low=s.outbound_high_water_bytes // 2
+        )
+        self._open(conn)
+        conn.start()
+        return Detached()
+
+    def _open(self, conn: WsConnection) -> None:
+        s = self.settings
+        session = conn.session
+        principal = session.principal
+        self.sessions[session] = conn
+        self.connections.add(conn.ip, conn.counted_user)
         loop = asyncio.get_running_loop()
         if principal.via == "pending":
-            timers["auth"] = loop.call_later(
+            conn.auth_timer = loop.call_later(
                 s.auth_timeout_seconds, session.close, CLOSE_UNAUTHORIZED, "authentication timeout"
             )
-        self._arm_expiry(session, timers)
+        self._arm_expiry(conn)
         if s.max_connection_age_seconds:
             # Jitter spreads reconnects so a scale-out rebalances gradually.
             age = s.max_connection_age_seconds * random.uniform(0.85, 1.15)
-            timers["age"] = loop.call_later(
+            conn.age_timer = loop.call_later(
                 age, session.close, CLOSE_SERVICE_RESTART, "max connection age"
             )
-        clog = log.bind(conn=session.id)
         self.metrics.opened.inc()
-        clog.info("connection_open", remote=ip, user=principal.user, via=principal.via)
+        log.info(
+            "connection_open",
+            conn=session.id,
+            remote=conn.ip,
+            user=principal.user,
+            via=principal.via,
+        )
+
+    # --- WsConnection callbacks ----------------------------------------------
+
+    def frames_waiting(self, conn: WsConnection) -> None:
+        """Client messages are queued on ``conn``: handle them in order, one
+        at a time, in a task that lives only while there are some."""
+        task = asyncio.get_running_loop().create_task(self._serve_frames(conn))
+        conn.task = task
+
+    async def _serve_frames(self, conn: WsConnection) -> None:
+        s = self.settings
+        session = conn.session
+        bucket = conn.bucket
         try:
-            async for msg in ws:
+            while not conn.closing and not conn.lost:
+                msg = conn.next_message()
+                if msg is None:
+                    break
                 if not bucket.take():
                     if bucket.rejected >= s.rate_limit_close_after:
-                        await self._close_ws(session, CLOSE_RATE_LIMITED, "rate limit exceeded")
+                        self.disconnect(session, CLOSE_RATE_LIMITED, "rate limit exceeded")
                         break
                     self.metrics.rate_limited.inc()
                     session.send_control(
                         protocol.error_message(
                             RateLimited(
                                 "too many messages, slow down",
-                                request_id=protocol.peek_request_id(msg.data),
+                                request_id=protocol.peek_request_id(msg),
                             )
                         )
                     )
                     continue
-                if msg.type == WSMsgType.TEXT:
-                    await self._handle_frame(session, msg.data, timers, counted)
-                elif msg.type == WSMsgType.BINARY:
+                if isinstance(msg, str):
+                    await self._handle_frame(conn, msg)
+                else:
                     session.send_control(
                         protocol.error_message(BadField("binary frames are not supported"))
                     )
+        except Exception:
+            log.exception("connection_error", conn=session.id)
+            conn.close(CLOSE_SERVER_ERROR, "internal error")
         finally:
-            for timer in timers.values():
-                timer.cancel()
-            self.hub.remove_session(session)
-            del self.sessions[session]
-            self.connections.remove(ip, counted[0])
-            m = self.metrics
-            m.closed.labels(close_reason(ws.close_code)).inc()
-            m.closed_frames += session.frames_sent
-            m.closed_bytes += session.bytes_sent
-            m.closed_dropped += session.dropped
-            m.closed_conflated += session.conflated
-            clog.info(
-                "connection_closed",
-                code=ws.close_code,
-                frames_sent=session.frames_sent,
-                dropped=session.dropped,
-                conflated=session.conflated,
-            )
-        return ws
+            conn.task_done()
+            if conn.inbox and not conn.closing and not conn.lost:
+                # Arrived while the last one finished: keep going.
+                self.frames_waiting(conn)
+
+    def writable(self, session: Session) -> None:
+        self.hub.writable(session)
+
+    def connection_gone(self, conn: WsConnection) -> None:
+        """Closed or lost, and no client message is being handled: forget it."""
+        session = conn.session
+        self.hub.remove_session(session)
+        del self.sessions[session]
+        self.connections.remove(conn.ip, conn.counted_user)
+        code = conn.close_code if conn.close_code is not None else CLOSE_ABNORMAL
+        m = self.metrics
+        m.closed.labels(close_reason(code)).inc()
+        m.closed_frames += session.frames_sent
+        m.closed_bytes += session.bytes_sent
+        m.closed_dropped += session.dropped
+        m.closed_conflated += session.conflated
+        log.info(
+            "connection_closed",
+            conn=session.id,
+            code=code,
+            frames_sent=session.frames_sent,
+            dropped=session.dropped,
+            conflated=session.conflated,
+        )
 
     def _reject(self, status: int, reason: str, text: str) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
@@ -325,24 +393,21 @@ class Gateway:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _arm_expiry(self, session: Session, timers: dict[str, asyncio.TimerHandle]) -> None:
-        old = timers.pop("expiry", None)
+    def _arm_expiry(self, conn: WsConnection) -> None:
+        old = conn.expiry_timer
         if old is not None:
             old.cancel()
+            conn.expiry_timer = None
+        session = conn.session
         exp = session.principal.expires_at
         if exp is not None:
             delay = max(0.0, exp - time.time())
-            timers["expiry"] = asyncio.get_running_loop().call_later(
+            conn.expiry_timer = asyncio.get_running_loop().call_later(
                 delay, session.close, CLOSE_UNAUTHORIZED, "token expired"
             )
 
-    async def _handle_frame(
-        self,
-        session: Session,
-        text: str,
-        timers: dict[str, asyncio.TimerHandle],
-        counted: list[str | None],
-    ) -> None:
+    async def _handle_frame(self, conn: WsConnection, text: str) -> None:
+        session = conn.session
         try:
             req = protocol.decode_request(text, self.settings.max_channel_name_length)
         except GatewayError as exc:
@@ -352,7 +417,7 @@ class Gateway:
             if req.action == "auth":
                 with self.tracer.start_as_current_span("ws.auth") as span:
                     span.set_attribute("redis_ws_gateway.connection", session.id)
-                    await self._authenticate(session, req, timers, counted)
+                    await self._authenticate(conn, req)
             elif session.principal.via == "pending" and req.action != "ping":
                 raise Unauthorized("authenticate first: send an auth action with a token")
             elif req.action == "subscribe" and self.tracing:
@@ -367,14 +432,9 @@ class Gateway:
                 exc.request_id = req.request_id
             self._client_error(session, exc)
 
-    async def _authenticate(
-        self,
-        session: Session,
-        req: protocol.Request,
-        timers: dict[str, asyncio.TimerHandle],
-        counted: list[str | None],
-    ) -> None:
+    async def _authenticate(self, conn: WsConnection, req: protocol.Request) -> None:
         assert req.token is not None
+        session = conn.session
         old = session.principal
         new = await self.auth.authenticate(req.token)
         if old.via != "pending" and old.user != new.user:
@@ -385,13 +445,14 @@ class Gateway:
             if refusal is not None:
                 session.close(CLOSE_POLICY, refusal)
                 return
-            self.connections.move_user(counted[0], user)
-            counted[0] = user
-            timer = timers.pop("auth", None)
+            self.connections.move_user(conn.counted_user, user)
+            conn.counted_user = user
+            timer = conn.auth_timer
             if timer is not None:
                 timer.cancel()
+                conn.auth_timer = None
         session.principal = new
-        self._arm_expiry(session, timers)
+        self._arm_expiry(conn)
         session.send_control(
             protocol.authenticated_message(req.request_id, new.user, new.roles, new.expires_at)
         )
@@ -633,7 +694,7 @@ class Gateway:
         session = next((s for s in self.sessions if s.id == conn_id), None)
         if session is None:
             return _http_error(404, "not_found", f"no connection {conn_id}")
-        await self._close_ws(session, CLOSE_ADMIN, "closed by an administrator")
+        self.disconnect(session, CLOSE_ADMIN, "closed by an administrator")
         return web.json_response({"closed": [conn_id]})
 
     async def admin_disconnect_user(self, request: web.Request) -> web.Response:
@@ -641,9 +702,8 @@ class Gateway:
             return refusal
         user = request.match_info["user"]
         victims = [s for s in self.sessions if s.principal.user == user]
-        await asyncio.gather(
-            *(self._close_ws(s, CLOSE_ADMIN, "closed by an administrator") for s in victims)
-        )
+        for s in victims:
+            self.disconnect(s, CLOSE_ADMIN, "closed by an administrator")
         return web.json_response({"closed": [s.id for s in victims]})
 
     async def admin_stats(self, request: web.Request) -> web.Response:

@@ -451,11 +451,11 @@ class Hub:
                 batch.clear()
                 if session.closing:
                     continue
-                transport = session.transport
-                transport.write(data)
+                # Past the high-water mark the transport calls the
+                # connection's pause_writing() inside write(): the session
+                # starts lagging there, with no buffer check per write.
+                session.transport.write(data)
                 session.bytes_sent += len(data)
-                if transport.get_write_buffer_size() > session.high_water:
-                    session.start_lagging()
             dirty.clear()
             if self.observe_processing is not None:
                 self.observe_processing(time.perf_counter() - self._batch_started)
@@ -470,9 +470,27 @@ class Hub:
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.get_running_loop().create_task(self._drain_loop())
 
+    def writable(self, session: Session) -> None:
+        """The transport's buffer fell to half the high-water mark
+        (resume_writing): write the backlog out now, chunk by chunk, until it
+        is empty or the transport pushes back again."""
+        if session not in self._lagging:
+            return
+        now = time.monotonic()
+        while True:
+            if session.drain(now, self._grace):
+                self._lagging.discard(session)
+                return
+            if session.held or session.closing or not session.backlog:
+                return
+            if session.transport.get_write_buffer_size() > session.high_water // 2:
+                return
+
     async def _drain_loop(self) -> None:
-        # A timer rather than per-transport resume_writing callbacks: only
-        # lagging sessions pay, and aiohttp owns the protocol object.
+        # resume_writing() (writable above) drains a session as soon as its
+        # socket takes bytes again. This loop is the fallback: held sessions
+        # (snapshots), the lagging-too-long check, and backlogs left without
+        # the transport pausing.
         while self._lagging:
             await asyncio.sleep(0.01)
             now = time.monotonic()

@@ -3,9 +3,11 @@
 Writes go straight to the connection's transport. While the transport keeps
 up, frames routed in one upstream read are joined into one write. Once the
 kernel stops taking bytes and the transport's own buffer passes the high-water
-mark, the session is *lagging*: new frames go to a backlog bounded in bytes
-where each channel's policy applies (conflate, drop-oldest, disconnect), and
-the hub's drain loop writes the backlog out once the transport has room.
+mark (the transport calls the connection's pause_writing()), the session is
+*lagging*: new frames go to a backlog bounded in bytes where each channel's
+policy applies (conflate, drop-oldest, disconnect), and the backlog is written
+out when the transport has room again (resume_writing(), with the hub's drain
+loop as the fallback).
 """
 
 from __future__ import annotations
@@ -119,10 +121,10 @@ class Session:
         transport = self.transport
         if self.closing or transport.is_closing():
             return
+        # Over the high-water mark the transport calls pause_writing() inside
+        # write(), and the connection makes the session lag (connection.py).
         transport.write(data)
         self.bytes_sent += len(data)
-        if transport.get_write_buffer_size() > self.high_water:
-            self.start_lagging()
 
     def start_lagging(self) -> None:
         if not self.lagging:
