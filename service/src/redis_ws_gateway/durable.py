@@ -381,8 +381,7 @@ class Durable:
             if cache is not None and parse_id(last) >= cache.floor:
                 # Served from memory: the frames were built once for everybody.
                 cached = cache.after(parse_id(last), batch)
-                for _, frame in cached:
-                    session.send_replay(frame)
+                session.send_replays([frame for _, frame in cached])
                 if cached:
                     replayed += len(cached)
                     self.replayed_from_cache += len(cached)
@@ -404,8 +403,12 @@ class Durable:
             if not entries:
                 last = hi
                 continue
-            for entry_id, fields in entries:
-                session.send_replay(_replay_frame(channel, entry_id, _payload(fields, spec.field)))
+            session.send_replays(
+                [
+                    _replay_frame(channel, entry_id, _payload(fields, spec.field))
+                    for entry_id, fields in entries
+                ]
+            )
             replayed += len(entries)
             last = entries[-1][0]
             # Let the socket drain before reading more history, so a large
