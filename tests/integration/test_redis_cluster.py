@@ -449,6 +449,7 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
             10,
             "traffic before the fault",
         )
+        classic_on = gw.gateway.upstream._connected_to
         fault_at = time.time()
         if fault == "cluster-failover":
             replica = next(
@@ -485,6 +486,11 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
         )
         after = [f for t, f in rec.data(shard) if t > back[0]]
         assert after and after[0]["seq"] == 1  # a new epoch starts at 1
+        # The classic channel is affected only when its connection's node died.
+        classic_hit = fault == "master-kill" and classic_on == ("127.0.0.1", victim)
+        if classic_hit:
+            await rec.until(lambda: rec.notices("resubscribed", classic), 30, "classic notice")
+        assert bool(rec.notices("upstream_lost", classic)) == classic_hit
         await asyncio.sleep(0.5)  # more durable entries after recovery (not a sync)
         stop.set()
         await asyncio.gather(*publishers)
@@ -524,6 +530,14 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
         window = ([before[-1]] if before else [fault_at]) + [t for t in times if t > fault_at]
         return max(b - a for a, b in itertools.pairwise(window))
 
+    def resumed_after(ch: str) -> float:
+        """From the fault to the first delivery that ended the longest pause."""
+        times = [t for t, _ in rec.data(ch)]
+        before = [t for t in times if t <= fault_at]
+        window = ([before[-1]] if before else [fault_at]) + [t for t in times if t > fault_at]
+        gap_end = max(itertools.pairwise(window), key=lambda p: p[1] - p[0])[1]
+        return gap_end - fault_at
+
     report = {
         "fault": fault,
         "fault_seconds": round(fault_done - fault_at, 3),
@@ -531,6 +545,12 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
             "upstream_lost": round(lost[0] - fault_at, 3),
             "resubscribed": round(back[0] - fault_at, 3),
         },
+        "first_delivery_after_outage_seconds": {
+            "sharded": round(resumed_after(shard), 3),
+            "durable": round(resumed_after(durable), 3),
+            "classic": round(resumed_after(classic), 3),
+        },
+        "classic_connection_on_failed_master": classic_hit,
         "longest_delivery_gap_seconds": {
             "sharded": round(longest_gap(shard), 3),
             "durable": round(longest_gap(durable), 3),
