@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""The hub's own Python cost per delivery, without sockets or a kernel.
+
+Routes messages through Hub.on_message/on_batch_end to sessions whose
+transport.write is a no-op, so what is timed is the gateway's Python per
+recipient (W1's shape: 1 channel x 1,000 sessions) and per message (W4's
+shape: 200 channels x 25 sessions each). Compare with the bench's kernel
+floor: docs/BENCHMARKS.md, "Where W1's and W4's CPU goes".
+
+    .venv/bin/python scripts/hub_micro.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service" / "src"))
+
+from redis_ws_gateway.hub import Hub, Topic  # noqa: E402
+
+
+class _Transport:
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: bytes) -> None:
+        self.n += 1
+
+
+class _Session:
+    __slots__ = ("batch", "bytes_sent", "closing", "frames_sent", "lagging", "transport")
+
+    def __init__(self) -> None:
+        self.lagging = False
+        self.closing = False
+        self.batch: list[bytes] = []
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.transport = _Transport()
+
+
+def _run(hub: Hub, channels: list[bytes], messages: int, payload: bytes) -> float:
+    t0 = time.perf_counter()
+    for i in range(messages):
+        hub.on_batch_start()
+        hub.on_message(channels[i % len(channels)], None, payload)
+        hub.on_batch_end()
+    return time.perf_counter() - t0
+
+
+async def main() -> None:
+    payload = b'{"ltp":22450.5,"ts":1795697863.61,"pad":"' + b"x" * 150 + b'"}'
+    hub = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
+    one = Topic("channel", "market:tick:X")
+    hub.channels[b"market:tick:X"] = one
+    sessions: list[Any] = [_Session() for _ in range(1000)]
+    for s in sessions:
+        one.sessions[s] = None
+    n = 3000
+    dt = _run(hub, [b"market:tick:X"], n, payload)
+    print(f"W1 shape: {dt / n / 1000 * 1e6:.3f} us per recipient, 1,000 recipients per message")
+
+    hub = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
+    rng = random.Random(7)
+    names = [f"market:tick:{i}".encode() for i in range(200)]
+    for raw in names:
+        hub.channels[raw] = Topic("channel", raw.decode())
+    for s in sessions:
+        for raw in rng.sample(names, 5):
+            hub.channels[raw].sessions[s] = None
+    per_topic = sum(len(t.sessions) for t in hub.channels.values()) / len(names)
+    n = 50_000
+    dt = _run(hub, names, n, payload)
+    print(
+        f"W4 shape: {dt / n * 1e6:.2f} us per message, {per_topic:.0f} recipients each, "
+        f"{dt / n / per_topic * 1e6:.3f} us per delivery"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
