@@ -17,8 +17,8 @@ demo: setup
 	@$(VENV)/bin/redis-ws-gateway demo
 
 lint: setup
-	$(VENV)/bin/ruff check service tests
-	$(VENV)/bin/ruff format --check service tests
+	$(VENV)/bin/ruff check service tests scripts
+	$(VENV)/bin/ruff format --check service tests scripts
 	$(VENV)/bin/mypy
 
 test: setup lint

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service" / "src"))
 
-from redis_ws_gateway.hub import Hub, Topic  # noqa: E402
+from redis_ws_gateway.hub import Hub, Topic
 
 
 class _Transport:
