@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
+from redis_ws_gateway import connection
 from redis_ws_gateway.client import GatewayClient
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
@@ -135,6 +141,57 @@ async def test_disconnect_policy_closes_the_slow_consumer_only(
             await http.close()
         got = [(await fast.next_of_type("data"))["seq"] for _ in range(n)]
         assert got == list(range(1, n + 1))  # the fast client lost nothing
+
+
+async def _stalled_raw_client(gw: RunningGateway, channel: str) -> socket.socket:
+    """A client whose kernel takes only a few KB: once it stops reading, bytes
+    pile up on the gateway's side (aiohttp's client cannot shrink SO_RCVBUF)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", gw.settings.port))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await loop.sock_sendall(sock, ws.send(Request(host="127.0.0.1", target="/ws")))
+
+    async def until(wanted: Callable[[Any], bool]) -> None:
+        while True:
+            ws.receive_data(await asyncio.wait_for(loop.sock_recv(sock, 65536), 10))
+            if any(wanted(event) for event in ws.events()):
+                return
+
+    await until(lambda e: isinstance(e, AcceptConnection))
+    subscribe = orjson.dumps({"action": "subscribe", "channels": [channel]}).decode()
+    await loop.sock_sendall(sock, ws.send(TextMessage(data=subscribe)))
+    await until(lambda e: isinstance(e, TextMessage) and '"subscribed"' in e.data)
+    return sock  # from here on, nothing is read
+
+
+async def test_a_closed_slow_consumer_that_never_reads_is_reset(
+    make_gateway: GatewayFactory, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 4008 close frame sits behind everything the client did not read; a
+    plain close would keep the socket open until the client reads it all."""
+    monkeypatch.setattr(connection, "CLOSE_TIMEOUT_SECONDS", 0.3)
+    gw = await _gateway(make_gateway)
+    sock = await _stalled_raw_client(gw, "engine:signal:Y")
+    try:
+        session = _session_of(gw, "engine:signal:Y")
+        transport = session.transport
+        server_socket = transport.get_extra_info("socket")
+        n = 0
+        while not session.closing:
+            n += 1
+            await redis_client.publish("engine:signal:Y", orjson.dumps({"n": n, "pad": PAD}))
+            assert n < 100_000
+        assert transport.get_write_buffer_size() > 0  # close() alone would wait for it
+        deadline = asyncio.get_running_loop().time() + 5
+        while server_socket.fileno() != -1:
+            assert asyncio.get_running_loop().time() < deadline, "socket never released"
+            await asyncio.sleep(0.02)
+        assert session not in gw.gateway.sessions
+    finally:
+        sock.close()
 
 
 async def _until_close(ws: Any) -> int | None:

@@ -41,6 +41,12 @@ CLOSE_ABNORMAL = 1006  # never sent: the code a peer sees when no close frame ca
 CLOSE_TOO_BIG = 1009
 CLOSE_SERVER_ERROR = 1011
 
+# After the close frame is written, a client gets this long to read what is
+# still queued for it. Then the socket is reset: a transport's close() waits
+# for its buffer to drain, so a client that stopped reading (the usual reason
+# for a 4008) would otherwise hold its socket open for as long as it lives.
+CLOSE_TIMEOUT_SECONDS = 5.0
+
 # Reads stop while this many bytes of client messages wait to be handled
 # (aiohttp's WebSocket queue used the same limit).
 INBOX_LIMIT = 65536
@@ -389,17 +395,23 @@ class WsConnection(asyncio.Protocol):
         if not self.lost:
             self.transport.write(close_frame(code, reason))
             self.transport.close()
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_SECONDS, self._reset)
         self._finish_soon()
 
+    def _reset(self) -> None:
+        if not self.lost:
+            self.transport.abort()
+
     def abort(self, code: int) -> None:
-        """Close the socket without a close frame."""
+        """Reset the socket without a close frame (a peer that stopped
+        answering: what is queued for it would never be read)."""
         if self.closing:
             return
         self.closing = True
         self.session.closing = True
         self.close_code = code
         if not self.lost:
-            self.transport.close()
+            self.transport.abort()
         self._finish_soon()
 
     def _finish_soon(self) -> None:
