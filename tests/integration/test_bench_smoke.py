@@ -91,3 +91,22 @@ def test_bench_durable_quick_replays_resumes_and_delivers(tmp_path: Path) -> Non
         assert g["received"] == 50 * 100  # 50 msg/s for 2 s per channel
         assert g["latency"]["samples"] == g["received"]
     assert "## Durable channels" in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(90)
+def test_bench_w5_quick_stalls_some_clients_and_samples_the_kernel_queues(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [*_command(), "bench", "--workload", "W5", "--quick", "--retries", "0", "--no-floor",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=80,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    [w5] = [r for r in report["results"] if r["workload"] == "W5"]
+    [step] = w5["steps"]
+    assert step["groups"]["slow"]["latency"]["samples"] > 0
+    assert step["groups"]["fast"]["latency"]["samples"] > 0
+    # The sampler child saw the stalled clients' bytes queue in the kernel.
+    queue = step["kernel_send_queue"]
+    assert queue["max_total_bytes"] >= queue["max_socket_bytes"] > 0
