@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from redis_ws_gateway.client import GatewayClient
 from redis_ws_gateway.config import ConfigError, DurableRule, load_settings
 from redis_ws_gateway.publish import apublish
 from tests.support.gateway import RunningGateway, gateway_settings, wait_ready
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer
 
 ARTIFACTS = Path(__file__).parents[2] / "artifacts"
 
@@ -33,28 +34,59 @@ CLUSTER_ARGS = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf
 CLUSTER_ARGS += ["--cluster-node-timeout", "1000"]
 
 
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is valid and free."""
-    for _ in range(200):
-        port = free_port()
-        if port + 10000 > 65535:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
+def _cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, both
+    below the kernel's ephemeral range: a port in that range can be taken at
+    any moment by an outgoing connection (the nodes' own links to each
+    other's buses, for one), which made a node fail to start now and then."""
+    high = _ephemeral_low() - 10001
+    for _ in range(500):
+        port = random.randint(15000, high)
+        if {port, port + 10000} & taken:
             continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
+        if _bindable(port) and _bindable(port + 10000):
+            return port
     raise RuntimeError("no free port pair for a cluster node")
 
 
 class Cluster:
     def __init__(self) -> None:
-        self.nodes = [RedisServer(port=_cluster_port(), extra_args=CLUSTER_ARGS) for _ in range(6)]
+        self.nodes: list[RedisServer] = []
+        for _ in range(6):
+            self.nodes.append(self._node())
+
+    def _node(self) -> RedisServer:
+        taken = {p for n in self.nodes for p in (n.port, n.port + 10000)}
+        return RedisServer(port=_cluster_port(taken), extra_args=CLUSTER_ARGS)
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start()
+        for i in range(len(self.nodes)):
+            for attempt in range(3):
+                try:
+                    self.nodes[i].start()
+                    break
+                except RuntimeError:
+                    # Lost a port race after all: try another pair.
+                    self.nodes[i].stop()
+                    if attempt == 2:
+                        raise
+                    self.nodes[i] = self._node()
         cli = shutil.which("redis-cli")
         assert cli is not None
         subprocess.run(
