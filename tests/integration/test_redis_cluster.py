@@ -322,6 +322,38 @@ async def test_sharded_channels_are_read_from_each_slots_master(
         await rc.aclose()
 
 
+async def test_sharded_start_with_a_dead_seed_and_late_subscribers(cluster: Cluster) -> None:
+    """One seed is down and only one live node is named: the map comes from
+    the node that answers (and the nodes it lists), and a channel on a master
+    nobody named is read from that master."""
+    dead = _cluster_port(set())
+    gw = RunningGateway(
+        gateway_settings(
+            "redis://127.0.0.1:1",
+            redis_cluster_nodes=(("127.0.0.1", dead), ("127.0.0.1", cluster.nodes[0].port)),
+            redis_sharded_channels=(SHARDED,),
+            api_key="k-cluster-1",
+        )
+    )
+    await gw.start()
+    try:
+        await wait_ready(gw.http)
+        owners = await _slot_owners(cluster.nodes[0].port)
+        elsewhere = next(m for m in sorted(set(owners.values())) if m != cluster.nodes[0].port)
+        channel = _name_on(owners, elsewhere, "market:shard:D{}")
+        async with GatewayClient(gw.url) as c:
+            reply = await c.subscribe(channel)
+            assert reply["subscriptions"][0]["live"] is True
+            rc = aioredis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+            try:
+                assert await apublish(rc, channel, {"late": True}, sharded=True) == 1
+            finally:
+                await rc.aclose()
+            assert (await c.next_of_type("data"))["data"] == {"late": True}
+    finally:
+        await gw.stop()
+
+
 async def test_durable_channels_on_cluster_replay_and_tail_per_slot(
     cluster: Cluster, sharded_gateway: RunningGateway
 ) -> None:
