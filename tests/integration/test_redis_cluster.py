@@ -11,6 +11,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -352,6 +353,42 @@ async def test_sharded_start_with_a_dead_seed_and_late_subscribers(cluster: Clus
             assert (await c.next_of_type("data"))["data"] == {"late": True}
     finally:
         await gw.stop()
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "redis_ws_gateway", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_publishes_sharded_and_durable_on_the_cluster(
+    cluster: Cluster, sharded_gateway: RunningGateway
+) -> None:
+    seed = f"redis://127.0.0.1:{cluster.nodes[0].port}"
+    owners = await _slot_owners(cluster.nodes[0].port)
+    other = next(m for m in sorted(set(owners.values())) if m != cluster.nodes[0].port)
+    shard = _name_on(owners, other, "market:shard:C{}")
+    durable = _name_on(owners, other, "engine:decision:C{}", "stream:")
+    async with GatewayClient(sharded_gateway.url) as c:
+        await c.subscribe(shard, durable)
+        code, out, err = await _cli(
+            "publish", "--redis-url", seed, "--cluster", "--sharded", shard, '{"via":"cli"}'
+        )
+        assert (code, out.strip()) == (0, "1"), err
+        frame = await c.next_of_type("data")
+        assert (frame["channel"], frame["data"]) == (shard, {"via": "cli"})
+        code, out, err = await _cli(
+            "publish", "--redis-url", seed, "--cluster", "--durable", durable, '{"d":1}'
+        )
+        assert code == 0, err
+        frame = await c.next_of_type("data")
+        assert (frame["channel"], frame["offset"]) == (durable, out.strip())
+    code, _, err = await _cli("publish", "--sharded", "--durable", durable, "{}")
+    assert code == 2 and "--sharded is for pub/sub channels" in err
 
 
 async def test_durable_channels_on_cluster_replay_and_tail_per_slot(

@@ -226,14 +226,26 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.sharded and args.durable:
+        print("publish: --sharded is for pub/sub channels, not --durable ones", file=sys.stderr)
+        return 2
     # The bytes go out as written: the gateway forwards valid JSON byte for
     # byte, so re-encoding would only change number formatting.
-    client = redis.Redis.from_url(
-        args.redis_url,
-        username=os.environ.get("REDIS_USERNAME") or None,
-        password=os.environ.get("REDIS_PASSWORD") or None,
-        socket_connect_timeout=5.0,
-    )
+    credentials = {
+        "username": os.environ.get("REDIS_USERNAME") or None,
+        "password": os.environ.get("REDIS_PASSWORD") or None,
+        "socket_connect_timeout": 5.0,
+    }
+    client: Any
+    try:
+        if args.cluster:
+            # Routes SPUBLISH and XADD to the master owning the key's slot.
+            client = redis.RedisCluster.from_url(args.redis_url, **credentials)
+        else:
+            client = redis.Redis.from_url(args.redis_url, **credentials)
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        print(f"publish: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.durable:
             offset = publish_durable(
@@ -241,7 +253,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             )
             print(offset)
         else:
-            print(publish(client, args.channel, payload))
+            print(publish(client, args.channel, payload, sharded=args.sharded))
     except redis.RedisError as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 1
@@ -358,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--stream-prefix", default=STREAM_PREFIX, help="durable: stream key prefix")
     p.add_argument("--raw", action="store_true", help="publish DATA even if it is not JSON")
+    p.add_argument(
+        "--cluster", action="store_true", help="--redis-url names a node of a Redis Cluster"
+    )
+    p.add_argument(
+        "--sharded",
+        action="store_true",
+        help="SPUBLISH, for the gateway's REDIS_SHARDED_CHANNELS (with --cluster)",
+    )
     p.add_argument("channel")
     p.add_argument("data", help="JSON text, or @FILE (@- reads stdin)")
     p.set_defaults(func=_cmd_publish)
