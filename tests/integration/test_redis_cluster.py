@@ -11,7 +11,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from redis.crc import key_slot
 from redis_ws_gateway.client import GatewayClient
 from redis_ws_gateway.config import ConfigError, DurableRule, load_settings
 from redis_ws_gateway.publish import apublish
+from tests.support.cli import run_cli
 from tests.support.gateway import RunningGateway, gateway_settings, wait_ready
 from tests.support.redis_server import RedisServer
 
@@ -248,6 +248,13 @@ async def _slot_owners(port: int) -> dict[int, int]:
     return owners
 
 
+async def _layout(cluster: Cluster) -> tuple[int, dict[int, int], list[int]]:
+    """The seed node's port, slot -> master port as it sees it, the masters."""
+    seed = cluster.nodes[0].port
+    owners = await _slot_owners(seed)
+    return seed, owners, sorted(set(owners.values()))
+
+
 def _name_on(owners: dict[int, int], master: int, template: str, key_prefix: str = "") -> str:
     """The first name from ``template`` whose key (prefix + name) lives on ``master``."""
     for i in range(10_000):
@@ -278,9 +285,7 @@ async def test_sharded_channels_are_read_from_each_slots_master(
     cluster: Cluster, sharded_gateway: RunningGateway
 ) -> None:
     gw = sharded_gateway
-    seed = cluster.nodes[0].port
-    owners = await _slot_owners(seed)
-    masters = sorted(set(owners.values()))
+    seed, owners, masters = await _layout(cluster)
     assert len(masters) == 3
     channels = [_name_on(owners, m, "market:shard:{}") for m in masters]
     rc = aioredis.RedisCluster(host="127.0.0.1", port=seed)
@@ -355,16 +360,6 @@ async def test_sharded_start_with_a_dead_seed_and_late_subscribers(cluster: Clus
         await gw.stop()
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "redis_ws_gateway", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_cli_publishes_sharded_and_durable_on_the_cluster(
     cluster: Cluster, sharded_gateway: RunningGateway
 ) -> None:
@@ -375,19 +370,19 @@ async def test_cli_publishes_sharded_and_durable_on_the_cluster(
     durable = _name_on(owners, other, "engine:decision:C{}", "stream:")
     async with GatewayClient(sharded_gateway.url) as c:
         await c.subscribe(shard, durable)
-        code, out, err = await _cli(
+        code, out, err = await run_cli(
             "publish", "--redis-url", seed, "--cluster", "--sharded", shard, '{"via":"cli"}'
         )
         assert (code, out.strip()) == (0, "1"), err
         frame = await c.next_of_type("data")
         assert (frame["channel"], frame["data"]) == (shard, {"via": "cli"})
-        code, out, err = await _cli(
+        code, out, err = await run_cli(
             "publish", "--redis-url", seed, "--cluster", "--durable", durable, '{"d":1}'
         )
         assert code == 0, err
         frame = await c.next_of_type("data")
         assert (frame["channel"], frame["offset"]) == (durable, out.strip())
-    code, _, err = await _cli("publish", "--sharded", "--durable", durable, "{}")
+    code, _, err = await run_cli("publish", "--sharded", "--durable", durable, "{}")
     assert code == 2 and "--sharded is for pub/sub channels" in err
 
 
@@ -396,9 +391,7 @@ async def test_durable_channels_on_cluster_replay_and_tail_per_slot(
 ) -> None:
     """Streams on different masters: one reader per slot, replay, live."""
     gw = sharded_gateway
-    seed = cluster.nodes[0].port
-    owners = await _slot_owners(seed)
-    masters = sorted(set(owners.values()))
+    seed, owners, masters = await _layout(cluster)
     channels = [_name_on(owners, m, "engine:decision:{}", "stream:") for m in masters]
     rc = aioredis.RedisCluster(host="127.0.0.1", port=seed)
     try:
@@ -500,9 +493,7 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
     live on one master; that master fails over, dies, or gives its slots away
     while publishers keep publishing."""
     gw = sharded_gateway
-    seed = cluster.nodes[0].port
-    owners = await _slot_owners(seed)
-    masters = sorted(set(owners.values()))
+    seed, owners, masters = await _layout(cluster)
     victim = masters[0]
     shard = _name_on(owners, victim, "market:shard:F{}")
     durable = _name_on(owners, victim, "engine:decision:F{}", "stream:")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +32,7 @@ from redis_ws_gateway.config import RoleConfig
 from redis_ws_gateway.publish import apublish, apublish_durable, publish, publish_durable
 from redis_ws_gateway.sdk import ResilientClient, State
 from tests.conftest import GatewayFactory
+from tests.support.cli import run_cli
 from tests.support.gateway import RunningGateway
 from tests.support.redis_server import RedisServer
 
@@ -429,28 +429,13 @@ async def test_sync_publish_reaches_the_gateway(
 # --- CLI ------------------------------------------------------------------------------------
 
 
-async def _cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "redis_ws_gateway",
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_cli_publish_plain_and_durable(
     gateway: RunningGateway, redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Any
 ) -> None:
     async with GatewayClient(gateway.url) as c:
         await c.subscribe("market:tick:X")
         payload = '{"ltp": 22450.50}'
-        code, out, _ = await _cli(
+        code, out, _ = await run_cli(
             "publish", "--redis-url", redis_server.url, "market:tick:X", payload
         )
         assert code == 0 and out.strip() == "1"
@@ -458,7 +443,7 @@ async def test_cli_publish_plain_and_durable(
         assert frame["data"] == {"ltp": 22450.5}
     path = tmp_path / "decision.json"
     path.write_bytes(b'{"side": "SELL"}')
-    code, out, _ = await _cli(
+    code, out, _ = await run_cli(
         "publish",
         "--redis-url",
         redis_server.url,
@@ -471,14 +456,14 @@ async def test_cli_publish_plain_and_durable(
     assert code == 0
     entries = await redis_client.xrange("stream:dec:X")
     assert entries == [(out.strip().encode(), {b"data": b'{"side": "SELL"}'})]
-    code, _, err = await _cli("publish", "--redis-url", redis_server.url, "x", "not json")
+    code, _, err = await run_cli("publish", "--redis-url", redis_server.url, "x", "not json")
     assert code == 2 and "not valid JSON" in err
-    code, _, _ = await _cli("publish", "--redis-url", redis_server.url, "--raw", "x", "not json")
+    code, _, _ = await run_cli("publish", "--redis-url", redis_server.url, "--raw", "x", "not json")
     assert code == 0
 
 
 async def test_cli_ping_prints_latency_percentiles(gateway: RunningGateway) -> None:
-    code, out, err = await _cli("ping", gateway.url, "--count", "5", "--interval", "0.01")
+    code, out, err = await run_cli("ping", gateway.url, "--count", "5", "--interval", "0.01")
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 6 and all(line.startswith("pong ") for line in lines[:5])
@@ -488,5 +473,5 @@ async def test_cli_ping_prints_latency_percentiles(gateway: RunningGateway) -> N
 
 
 async def test_cli_ping_reports_an_unreachable_gateway() -> None:
-    code, _, err = await _cli("ping", "ws://127.0.0.1:9/ws", "--count", "1")
+    code, _, err = await run_cli("ping", "ws://127.0.0.1:9/ws", "--count", "1")
     assert code == 1 and "ping: failed" in err

@@ -564,6 +564,23 @@ def _child_setup() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+async def spawn_helper(
+    role: str, cfg: dict[str, Any], *, stdin: bool = True
+) -> asyncio.subprocess.Process:
+    """One of this module's helper processes (``_worker_main``): the same
+    interpreter, a role and its JSON config; stdout is piped back."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "redis_ws_gateway.bench",
+        role,
+        json.dumps(cfg),
+        stdin=asyncio.subprocess.PIPE if stdin else None,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=_child_setup,
+    )
+
+
 def proc_stat_cpu(pid: int) -> float:
     """utime + stime of the whole process, /proc/<pid>/stat (clock ticks)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
@@ -969,16 +986,7 @@ class Publisher:
             "duration": duration,
             "xadd": list(xadd),
         }
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "redis_ws_gateway.bench",
-            "_publish",
-            json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            preexec_fn=_child_setup,
-        )
+        self.proc = await spawn_helper("_publish", cfg)
         assert self.proc.stdout is not None
         async with asyncio.timeout(30):
             line = await self.proc.stdout.readline()
@@ -1105,15 +1113,7 @@ async def measure_floor(seconds: float, fanout: int) -> dict[str, Any]:
         th.start()
         cfg = {"port": port, "size": size, "fanout": nsock, "seconds": seconds}
         cfg["cpu"] = GATEWAY_CPU if (os.cpu_count() or 1) >= 2 else None
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "redis_ws_gateway.bench",
-            "_floor",
-            json.dumps(cfg),
-            stdout=asyncio.subprocess.PIPE,
-            preexec_fn=_child_setup,
-        )
+        proc = await spawn_helper("_floor", cfg, stdin=False)
         stdout, _ = await proc.communicate()
         stop.set()
         await asyncio.to_thread(th.join, 5)
@@ -1219,16 +1219,7 @@ class Holder:
 
     @classmethod
     async def start(cls, cfg: dict[str, Any]) -> Holder:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "redis_ws_gateway.bench",
-            "_hold",
-            json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            preexec_fn=_child_setup,
-        )
+        proc = await spawn_helper("_hold", cfg)
         return cls(proc)
 
     async def wait_ready(self) -> dict[str, Any]:
@@ -2349,16 +2340,7 @@ def send_queue_sampler_main(cfg: dict[str, Any]) -> int:
 async def _sample_send_queues(port: int, into: dict[str, int], stop: asyncio.Event) -> None:
     # A stalled loopback peer lets the kernel queue megabytes per socket
     # (send-buffer autotuning) before the gateway's own backlog sees any.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "redis_ws_gateway.bench",
-        "_sendq",
-        json.dumps({"port": port, "interval": 0.5}),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        preexec_fn=_child_setup,
-    )
+    proc = await spawn_helper("_sendq", {"port": port, "interval": 0.5})
     assert proc.stdin is not None and proc.stdout is not None
     try:
         await stop.wait()
