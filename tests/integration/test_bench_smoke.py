@@ -35,8 +35,10 @@ def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path) -> None:
 
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").read_text().startswith("# Bench report")
-    [w1] = [r for r in report["results"] if r["workload"] == "W1"]
-    assert w1["target"] == "gateway" and w1["clients"] == 20
+    by_target = {r["target"]: r for r in report["results"] if r["workload"] == "W1"}
+    assert sorted(by_target) == ["floor", "gateway"]
+    w1 = by_target["gateway"]
+    assert w1["clients"] == 20
     [step] = w1["steps"]
     assert step["published"] == 100  # 50 msg/s for 2 s
     assert step["expected"] == 20 * 100
@@ -52,6 +54,12 @@ def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path) -> None:
     floor = report["floor"]
     assert floor["start"]["one_frame"]["cpu_us_per_write"] > 0
     assert floor["one_frame_us"] > 0
+    # The floor in W1's shape: the same receivers got every message from it.
+    [fstep] = by_target["floor"]["steps"]
+    assert fstep["received"] == fstep["expected"] == 20 * 100 and fstep["lost"] == 0
+    assert fstep["target"]["cpu_us_per_delivery"] > 0
+    [shaped] = [a for a in report["assessment"] if "W1's shape" in a["target"]]
+    assert shaped["met"] in (True, False) and "x of" in shaped["actual"]
 
 
 @pytest.mark.timeout(120)
