@@ -2,7 +2,7 @@
 """The hub's own Python cost per delivery, without sockets or a kernel.
 
 Routes messages through Hub.on_message/on_batch_end to sessions whose
-transport.write is a no-op, so what is timed is the gateway's Python per
+direct writes go to /dev/null, so what is timed is the gateway's Python per
 recipient (W1's shape: 1 channel x 1,000 sessions) and per message (W4's
 shape: 200 channels x 25 sessions each). Compare with the bench's kernel
 floor: docs/BENCHMARKS.md, "Where W1's and W4's CPU goes".
@@ -13,6 +13,7 @@ floor: docs/BENCHMARKS.md, "Where W1's and W4's CPU goes".
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import time
@@ -25,21 +26,27 @@ from redis_ws_gateway.hub import Hub, Topic
 
 
 class _Transport:
-    __slots__ = ("n",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self.n = 0
+    def is_closing(self) -> bool:
+        return False
 
-    def write(self, data: bytes) -> None:
-        self.n += 1
+
+# Direct writes go to /dev/null: the cheapest write syscall there is, so what
+# is timed is the Python around it plus a syscall that does no work.
+_DEVNULL = os.open(os.devnull, os.O_WRONLY)
 
 
 class _Session:
-    __slots__ = ("batch", "bytes_sent", "closing", "frames_sent", "lagging", "transport")
+    __slots__ = (
+        "batch", "bytes_sent", "closing", "direct", "fd", "frames_sent", "lagging", "transport",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.lagging = False
         self.closing = False
+        self.direct = True
+        self.fd = _DEVNULL
         self.batch: list[bytes] = []
         self.frames_sent = 0
         self.bytes_sent = 0
@@ -49,14 +56,23 @@ class _Session:
 def _run(hub: Hub, channels: list[bytes], messages: int, payload: bytes) -> float:
     t0 = time.perf_counter()
     for i in range(messages):
-        hub.on_batch_start()
+        hub.on_batch_start(1)
         hub.on_message(channels[i % len(channels)], None, payload)
         hub.on_batch_end()
     return time.perf_counter() - t0
 
 
+def _devnull_write_us(frame: bytes, n: int = 200_000) -> float:
+    write, fd = os.write, _DEVNULL
+    t0 = time.perf_counter()
+    for _ in range(n):
+        write(fd, frame)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 async def main() -> None:
     payload = b'{"ltp":22450.5,"ts":1795697863.61,"pad":"' + b"x" * 150 + b'"}'
+    print(f"a bare loop of os.write to /dev/null: {_devnull_write_us(payload):.3f} us per write")
     hub = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
     one = Topic("channel", "market:tick:X")
     hub.channels[b"market:tick:X"] = one

@@ -119,6 +119,45 @@ async def test_drop_oldest_drops_from_the_front(
     assert tail == list(range(total - 19, total + 1))
 
 
+async def test_a_stalled_client_that_catches_up_gets_every_frame_in_order(
+    make_gateway: GatewayFactory, redis_client: aioredis.Redis
+) -> None:
+    # One message per Redis read: the gateway writes each straight to the
+    # socket until the kernel refuses bytes, then through the transport and
+    # the backlog. No frame may be lost, torn or overtaken on the way back.
+    gw = await _gateway(make_gateway)
+    http, ws = await _slow_client(gw, "engine:signal:X")
+    try:
+        session = _session_of(gw, "engine:signal:X")
+        assert session.direct
+        n = 0
+        extra = 20
+        while session.direct or extra > 0:
+            if not session.direct:
+                extra -= 1
+            n += 1
+            await redis_client.publish("engine:signal:X", orjson.dumps({"n": n, "pad": PAD}))
+            assert n < 100_000, "the kernel never refused a write"
+        assert not session.closing
+
+        async def more() -> None:
+            # While the client catches up the socket has room again before
+            # the transport has written what it holds: the moment a direct
+            # write could overtake it.
+            for k in range(n + 1, total + 1):
+                await redis_client.publish("engine:signal:X", orjson.dumps({"n": k, "pad": PAD}))
+
+        total = n + 300
+        publisher = asyncio.create_task(more())
+        frames = await _drain(ws, total)
+        await publisher
+    finally:
+        await ws.close()
+        await http.close()
+    assert [f["seq"] for f in frames] == list(range(1, total + 1))
+    assert [f["data"]["n"] for f in frames] == list(range(1, total + 1))
+
+
 async def test_disconnect_policy_closes_the_slow_consumer_only(
     make_gateway: GatewayFactory, redis_client: aioredis.Redis
 ) -> None:

@@ -60,7 +60,7 @@ class _Listener:
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages.append((channel, payload))
 
-    def on_batch_start(self) -> None:
+    def on_batch_start(self, replies: int) -> None:
         pass
 
     def on_batch_end(self) -> None:

@@ -252,6 +252,11 @@ class Gateway:
             on_dirty=self.hub.mark_dirty,
             on_lagging=self.hub.mark_lagging,
             close=self._close_session,
+            # Client sockets are plain TCP (TLS ends at the ingress), so
+            # frames may go to the descriptor itself (session.py).
+            fd=sock.fileno()
+            if sock is not None and transport.get_extra_info("sslcontext") is None
+            else -1,
         )
         conn = WsConnection(
             self,
@@ -277,6 +282,8 @@ class Gateway:
         transport.set_write_buffer_limits(
             high=s.outbound_high_water_bytes, low=s.outbound_high_water_bytes // 2
         )
+        # Direct writes start once the handshake's bytes have left the transport.
+        session.check_direct()
         self._open(conn)
         conn.start()
         return Detached()

@@ -278,7 +278,7 @@ class WsConnection(asyncio.Protocol):
                 if not self._message_part(event.data, event.message_finished):
                     return
             elif isinstance(event, Ping):
-                self.transport.write(pong_frame(bytes(event.payload)))
+                self.session.write(pong_frame(bytes(event.payload)))
             elif isinstance(event, CloseConnection):
                 if parser.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
                     # The client's close: answered with 1000, as aiohttp did.
@@ -347,6 +347,7 @@ class WsConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.session.closing = True
+        self.session.direct = False
         self.parser = None
         self._try_finish()
 
@@ -371,7 +372,8 @@ class WsConnection(asyncio.Protocol):
             self.ping_at = 0.0
         due = self.last_seen + interval
         if now >= due:
-            self.transport.write(PING_FRAME)
+            # Through the session: a direct write must not overtake it.
+            self.session.write(PING_FRAME)
             self.ping_at = now
             self.wheel.add(self, now + interval / 2)
         else:
@@ -383,6 +385,7 @@ class WsConnection(asyncio.Protocol):
         """Send a close frame and close the socket (aiohttp closed at once as
         well rather than waiting for the client's reply)."""
         self.session.closing = True
+        self.session.direct = False
         self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> None:
@@ -390,6 +393,7 @@ class WsConnection(asyncio.Protocol):
             return
         self.closing = True
         self.session.closing = True
+        self.session.direct = False
         if self.close_code is None:
             self.close_code = code
         if not self.lost:
@@ -409,6 +413,7 @@ class WsConnection(asyncio.Protocol):
             return
         self.closing = True
         self.session.closing = True
+        self.session.direct = False
         self.close_code = code
         if not self.lost:
             self.transport.abort()

@@ -104,6 +104,8 @@ class Hub:
         self._policy_cache: dict[bytes, Policy] = {}
         self._grace = slow_consumer_grace
         self._dirty: list[Session] = []
+        self._lone = False
+        self._routed = False
         self._lagging: set[Session] = set()
         self._drain_task: asyncio.Task[None] | None = None
         self._boot = os.urandom(3).hex()
@@ -247,6 +249,7 @@ class Hub:
         if not topic.sessions:
             return
         topic.seq += 1
+        self._routed = True
         body, is_b64 = protocol.payload_json(payload)
         frame = protocol.text_frame(
             protocol.data_message(topic.prefix, topic.seq, body, is_b64, offset=entry_id)
@@ -376,8 +379,11 @@ class Hub:
         if lost:
             log.warning("clients_notified_upstream_lost", sessions=len(lost))
 
-    def on_batch_start(self) -> None:
+    def on_batch_start(self, replies: int = 0) -> None:
         self._batch_started = time.perf_counter()
+        # A read that carried one message can write it to each direct
+        # session at once: there is nothing to join it with.
+        self._lone = replies == 1
 
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1
@@ -393,6 +399,7 @@ class Hub:
                 return
             prefix = protocol.data_prefix(channel, pattern)
         topic.seq += 1
+        self._routed = True
         body, is_b64 = protocol.payload_json(payload)
         frame = protocol.text_frame(protocol.data_message(prefix, topic.seq, body, is_b64))
         if self.tracer is not None and b'"traceparent"' in payload:
@@ -400,10 +407,27 @@ class Hub:
         policy = self.policy_for(channel)
         key = (topic, channel)
         if pattern is None:
-            # Session.deliver, inlined: this loop runs once per recipient, and
-            # a Python call per recipient is most of the gateway's own cost.
             dirty = self._dirty
+            # Session.deliver and Session.write, inlined: this loop runs once
+            # per recipient, and a Python call per recipient is most of the
+            # gateway's own cost. Writing at once is safe only while no
+            # session holds a frame routed earlier in this read.
+            lone = self._lone and not dirty
+            write = os.write
+            size = len(frame)
             for session in topic.sessions:
+                if lone and session.direct and not session.transport.is_closing():
+                    session.frames_sent += 1
+                    session.bytes_sent += size
+                    try:
+                        done = write(session.fd, frame)
+                    except (BlockingIOError, InterruptedError):
+                        done = 0
+                    except OSError:
+                        done = -1
+                    if done != size:
+                        session.direct_failed(frame, done)
+                    continue
                 if session.lagging:
                     session.deliver(frame, key, policy)
                     continue
@@ -443,20 +467,35 @@ class Hub:
     def on_batch_end(self) -> None:
         dirty = self._dirty
         if dirty:
+            write = os.write
             for session in dirty:
-                # Session.flush, inlined for the same reason as in on_message.
+                # Session.flush and Session.write, inlined for the same
+                # reason as in on_message.
                 batch = session.batch
                 data = batch[0] if len(batch) == 1 else b"".join(batch)
                 session.frames_sent += len(batch)
                 batch.clear()
                 if session.closing:
                     continue
+                session.bytes_sent += len(data)
+                if session.direct and not session.transport.is_closing():
+                    try:
+                        done = write(session.fd, data)
+                    except (BlockingIOError, InterruptedError):
+                        done = 0
+                    except OSError:
+                        done = -1
+                    if done != len(data):
+                        session.direct_failed(data, done)
+                    continue
                 # Past the high-water mark the transport calls the
                 # connection's pause_writing() inside write(): the session
                 # starts lagging there, with no buffer check per write.
                 session.transport.write(data)
-                session.bytes_sent += len(data)
+                session.check_direct()
             dirty.clear()
+        if self._routed:
+            self._routed = False
             if self.observe_processing is not None:
                 self.observe_processing(time.perf_counter() - self._batch_started)
 

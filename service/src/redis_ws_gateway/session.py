@@ -1,19 +1,31 @@
 """One client connection: its subscriptions and its bounded outbound buffer.
 
-Writes go straight to the connection's transport. While the transport keeps
-up, frames routed in one upstream read are joined into one write. Once the
-kernel stops taking bytes and the transport's own buffer passes the high-water
-mark (the transport calls the connection's pause_writing()), the session is
-*lagging*: new frames go to a backlog bounded in bytes where each channel's
-policy applies (conflate, drop-oldest, disconnect), and the backlog is written
-out when the transport has room again (resume_writing(), with the hub's drain
-loop as the fallback).
+While the transport holds nothing for the client, the session is *direct*:
+frames go to the socket with one ``os.write`` each, past uvloop's transport
+(whose write costs as much again as the gateway's own Python per delivery in
+the W1 benchmark). The first write the kernel does not take whole hands its
+rest to the transport, and from then on every write goes through the
+transport, in order, until a write finds the transport's buffer empty again.
+Frames routed in one upstream read are joined into one write.
+
+Once the transport's own buffer passes the high-water mark (the transport
+calls the connection's pause_writing()), the session is *lagging*: new frames
+go to a backlog bounded in bytes where each channel's policy applies
+(conflate, drop-oldest, disconnect), and the backlog is written out when the
+transport has room again (resume_writing(), with the hub's drain loop as the
+fallback).
+
+A direct write must never reach a file descriptor the transport has closed
+(the number may already belong to a newer connection), so every direct write
+is preceded by a ``transport.is_closing()`` check: uvloop closes the
+descriptor only after marking the transport closing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,7 +55,9 @@ class Session:
         "bytes_sent",
         "closing",
         "conflated",
+        "direct",
         "dropped",
+        "fd",
         "frames_sent",
         "held",
         "high_water",
@@ -71,9 +85,13 @@ class Session:
         on_dirty: Callable[[Session], None],
         on_lagging: Callable[[Session], None],
         close: Callable[[Session, int, str], None],
+        fd: int = -1,
     ) -> None:
         self.id = session_id
         self.transport = transport
+        # The socket's descriptor for direct writes; -1: always the transport.
+        self.fd = fd
+        self.direct = False
         self.principal = principal
         self.remote = remote
         self.subscriptions: dict[tuple[str, str], Topic] = {}
@@ -115,18 +133,51 @@ class Session:
         data = batch[0] if len(batch) == 1 else b"".join(batch)
         self.frames_sent += len(batch)
         batch.clear()
-        self._write(data)
+        self.write(data)
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Bytes for the client, in order: directly or through the transport."""
         transport = self.transport
         if self.closing or transport.is_closing():
+            return
+        self.bytes_sent += len(data)
+        if self.direct:
+            try:
+                done = os.write(self.fd, data)
+            except (BlockingIOError, InterruptedError):
+                done = 0
+            except OSError:
+                done = -1
+            if done != len(data):
+                self.direct_failed(data, done)
             return
         # Over the high-water mark the transport calls pause_writing() inside
         # write(), and the connection makes the session lag (connection.py).
         transport.write(data)
-        self.bytes_sent += len(data)
+        self.check_direct()
+
+    def direct_failed(self, data: bytes, done: int) -> None:
+        """A direct write the kernel took only ``done`` bytes of (-1: the
+        socket failed). The hub's inlined loops call this too."""
+        self.direct = False
+        if done < 0:
+            # The peer is gone: the transport sees it on its next read and
+            # closes; a later write through it reports the same error.
+            return
+        self.transport.write(data[done:] if done else data)
+        self.check_direct()
+
+    def check_direct(self) -> None:
+        """Direct again once the transport holds nothing for this client."""
+        self.direct = (
+            self.fd >= 0
+            and not (self.lagging or self.closing or self.held)
+            and not self.transport.is_closing()
+            and self.transport.get_write_buffer_size() == 0
+        )
 
     def start_lagging(self) -> None:
+        self.direct = False
         if not self.lagging:
             self.lagging = True
             self.lag_since = time.monotonic()
@@ -151,7 +202,7 @@ class Session:
             return
         self.flush()
         self.frames_sent += 1
-        self._write(frame)
+        self.write(frame)
 
     def send_replay(self, frame: bytes) -> None:
         """A history frame: never dropped (the client asked for exactly these)."""
@@ -161,7 +212,7 @@ class Session:
                 self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound buffer full")
             return
         self.frames_sent += 1
-        self._write(frame)
+        self.write(frame)
 
     def send_replays(self, frames: list[bytes]) -> None:
         """History frames in order: one write for the lot while the client
@@ -171,7 +222,7 @@ class Session:
                 self.send_replay(frame)
             return
         self.frames_sent += len(frames)
-        self._write(b"".join(frames))
+        self.write(b"".join(frames))
 
     async def wait_writable(self) -> None:
         """Until this client has caught up (or is gone)."""
@@ -189,6 +240,7 @@ class Session:
         self.flush()
         self.held = True
         self.lagging = True
+        self.direct = False
 
     def release(self, first: list[bytes]) -> None:
         for body in reversed(first):
@@ -272,6 +324,7 @@ class Session:
         if self.backlog or transport.get_write_buffer_size() > self.high_water:
             return False
         self.lagging = False
+        self.check_direct()
         self._set_writable()
         return True
 
@@ -293,6 +346,7 @@ class Session:
         if self.closing:
             return
         self.closing = True
+        self.direct = False
         self._set_writable()
         self.batch.clear()
         self.backlog.clear()

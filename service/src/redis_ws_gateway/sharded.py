@@ -124,8 +124,8 @@ class _Link:
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.owner.hub.on_message(channel, pattern, payload)
 
-    def on_batch_start(self) -> None:
-        self.owner.hub.on_batch_start()
+    def on_batch_start(self, replies: int) -> None:
+        self.owner.hub.on_batch_start(replies)
 
     def on_batch_end(self) -> None:
         self.owner.hub.on_batch_end()

@@ -51,7 +51,9 @@ _UNSUB_CMD: dict[SubKind, bytes] = {
 
 class UpstreamListener(Protocol):
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None: ...
-    def on_batch_start(self) -> None: ...
+    def on_batch_start(self, replies: int) -> None:
+        """Before the replies of one read are handed over (``replies`` of them)."""
+
     def on_batch_end(self) -> None: ...
     def on_upstream_up(self) -> None: ...
     def on_upstream_down(self) -> None: ...
@@ -156,9 +158,19 @@ class PubSubProtocol(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         listener = self._listener
-        listener.on_batch_start()
+        replies = []
         try:
             while (reply := reader.gets()) is not False:
+                replies.append(reply)
+        except hiredis.ProtocolError as exc:
+            log.error("upstream_protocol_error", error=str(exc))
+            if self.transport is not None:
+                self.transport.abort()
+        # The count first: the listener writes a read's lone message at once
+        # and joins several per client.
+        listener.on_batch_start(len(replies))
+        try:
+            for reply in replies:
                 if type(reply) is list and len(reply) >= 3:
                     kind = reply[0]
                     if kind == b"message":
@@ -174,10 +186,6 @@ class PubSubProtocol(asyncio.Protocol):
                         self._on_sunsubscribe(reply[1])
                         continue
                 self._on_reply(reply)
-        except hiredis.ProtocolError as exc:
-            log.error("upstream_protocol_error", error=str(exc))
-            if self.transport is not None:
-                self.transport.abort()
         finally:
             listener.on_batch_end()
 

@@ -1,0 +1,296 @@
+"""Direct writes: a read's lone message goes from the hub to each client's
+socket with one os.write, past the transport, and never out of order.
+
+Pure logic on real sockets (socket pairs; no Redis). The transport is a
+recording stand-in: what matters is which bytes reach the peer directly,
+which go through the transport, and in what order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from redis_ws_gateway.hub import Hub, Topic
+from redis_ws_gateway.session import Session
+
+CHANNEL = b"market:tick:X"
+
+
+class _Transport:
+    """Writes like uvloop's: at once while nothing is buffered, the rest kept
+    until flush() (the event loop finding the socket writable)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.writes: list[bytes] = []
+        self.pending = b""
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        if self.closing:
+            return
+        if not self.pending:
+            try:
+                data = data[os.write(self.fd, data) :]
+            except BlockingIOError:
+                pass
+        self.pending += data
+
+    def flush(self) -> None:
+        if self.pending:
+            with contextlib.suppress(BlockingIOError):
+                self.pending = self.pending[os.write(self.fd, self.pending) :]
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.pending)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class _Principal:
+    def may_read(self, name: str) -> bool:
+        return True
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A loopback TCP connection, like a client's: (gateway side, client side)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        b = socket.create_connection(server.getsockname())
+        a, _ = server.accept()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """(read end, write end), non-blocking, 4 KB: unlike a loopback socket,
+    where the kernel frees room as acknowledgements arrive, a pipe is full or
+    partly written exactly when the test makes it so."""
+    r, w = os.pipe2(os.O_NONBLOCK)
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    yield r, w
+    for fd in (r, w):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _drain(fd: int) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def _hub() -> tuple[Hub, Topic]:
+    hub = Hub(linger_seconds=1, policies=(), default_policy="drop-oldest", slow_consumer_grace=1)
+    topic = Topic("channel", CHANNEL.decode())
+    hub.channels[CHANNEL] = topic
+    return hub, topic
+
+
+def _session(hub: Hub, topic: Topic, fd: int) -> tuple[Session, _Transport]:
+    transport = _Transport(fd)
+    session = Session(
+        "s-1",
+        transport,  # type: ignore[arg-type]
+        _Principal(),  # type: ignore[arg-type]
+        "127.0.0.1",
+        buffer_limit=1 << 20,
+        high_water=1 << 16,
+        on_dirty=hub.mark_dirty,
+        on_lagging=hub.mark_lagging,
+        close=lambda s, code, reason: None,
+        fd=fd,
+    )
+    topic.sessions[session] = None
+    session.check_direct()
+    return session, transport
+
+
+def _read(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def _route(hub: Hub, *payloads: bytes, replies: int | None = None) -> None:
+    hub.on_batch_start(len(payloads) if replies is None else replies)
+    for p in payloads:
+        hub.on_message(CHANNEL, None, p)
+    hub.on_batch_end()
+
+
+def _seqs(stream: bytes) -> list[int]:
+    """The seq of each data frame in a stream of unmasked server text frames."""
+    import orjson
+
+    seqs, i = [], 0
+    while i < len(stream):
+        n = stream[i + 1] & 0x7F
+        head = 2
+        if n == 126:
+            n, head = int.from_bytes(stream[i + 2 : i + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(stream[i + 2 : i + 10], "big"), 10
+        msg: dict[str, Any] = orjson.loads(stream[i + head : i + head + n])
+        seqs.append(msg["seq"] if msg["type"] == "data" else -1)
+        i += head + n
+    return seqs
+
+
+def test_a_lone_message_goes_straight_to_the_socket(pair: Any) -> None:
+    hub, topic = _hub()
+    session, transport = _session(hub, topic, pair[0].fileno())
+    assert session.direct
+    _route(hub, b'{"p":1}')
+    got = _read(pair[1])
+    assert _seqs(got) == [1] and b'"data":{"p":1}' in got
+    assert transport.writes == []
+    assert session.frames_sent == 1 and session.bytes_sent == len(got)
+
+
+def test_messages_of_one_read_are_joined_into_one_direct_write(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub, topic = _hub()
+    session, transport = _session(hub, topic, pair[0].fileno())
+    calls: list[int] = []
+    real = os.write
+
+    def counting(fd: int, data: bytes) -> int:
+        calls.append(fd)
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", counting)
+    _route(hub, b"1", b"2", b"3")
+    assert calls == [pair[0].fileno()]
+    assert _seqs(_read(pair[1])) == [1, 2, 3]
+    assert transport.writes == [] and session.frames_sent == 3
+
+
+def test_a_notice_queued_earlier_in_the_read_is_not_overtaken(pair: Any) -> None:
+    hub, topic = _hub()
+    session, _ = _session(hub, topic, pair[0].fileno())
+    hub.on_batch_start(1)
+    session.queue_control(b'{"type":"resubscribed"}')
+    hub.on_message(CHANNEL, None, b"1")
+    hub.on_batch_end()
+    assert _seqs(_read(pair[1])) == [-1, 1]
+
+
+def test_no_direct_write_once_the_transport_is_closing(pair: Any) -> None:
+    # uvloop closes the descriptor once the transport is closing; its number
+    # may already belong to another connection.
+    hub, topic = _hub()
+    session, transport = _session(hub, topic, pair[0].fileno())
+    transport.closing = True
+    _route(hub, b"1")
+    _route(hub, b"2", b"3")
+    session.send_control(b'{"type":"pong"}')
+    assert _read(pair[1]) == b""
+
+
+def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
+    pipe: tuple[int, int],
+) -> None:
+    hub, topic = _hub()
+    r, w = pipe
+    session, transport = _session(hub, topic, w)
+    # A frame larger than the descriptor takes: the kernel accepts a part,
+    # the transport keeps the rest.
+    _route(hub, b'"' + b"x" * 10_000 + b'"')
+    assert not session.direct and transport.get_write_buffer_size() > 0
+    stream = _drain(r)
+    assert 0 < len(stream) < 10_000
+    # Later frames queue behind the rest, through the transport, even lone
+    # ones, while the transport still holds bytes.
+    _route(hub, b"2")
+    _route(hub, b"3", b"4")
+    assert not session.direct
+    while transport.get_write_buffer_size():
+        transport.flush()
+        stream += _drain(r)
+    # The transport drained: the next write through it finds it empty, and
+    # the session writes directly again.
+    _route(hub, b"5")
+    assert session.direct
+    _route(hub, b"6")
+    stream += _drain(r)
+    assert _seqs(stream) == [1, 2, 3, 4, 5, 6]
+    assert len(transport.writes) == 4  # the rest of 1, then 2, 3+4 and 5
+
+
+def test_a_full_descriptor_hands_the_whole_frame_to_the_transport(
+    pipe: tuple[int, int],
+) -> None:
+    hub, topic = _hub()
+    r, w = pipe
+    session, transport = _session(hub, topic, w)
+    os.write(w, b"\0" * 4096)
+    with pytest.raises(BlockingIOError):
+        os.write(w, b"\0")
+    _route(hub, b"1")
+    assert not session.direct
+    assert _seqs(transport.writes[0]) == [1]
+    assert len(_drain(r)) == 4096
+    transport.flush()
+    assert _seqs(_drain(r)) == [1]
+
+
+def test_a_dead_peer_stops_direct_writes_without_an_exception(pipe: tuple[int, int]) -> None:
+    hub, topic = _hub()
+    r, w = pipe
+    session, transport = _session(hub, topic, w)
+    os.close(r)
+    _route(hub, b"1")  # EPIPE
+    assert not session.direct
+    # The transport reports the failure on its own; nothing is retried here.
+    assert transport.writes == []
+
+
+def test_control_frames_take_the_direct_path_too(pair: Any) -> None:
+    hub, topic = _hub()
+    session, transport = _session(hub, topic, pair[0].fileno())
+    session.send_control(b'{"type":"pong"}')
+    assert _read(pair[1]).endswith(b'{"type":"pong"}') and transport.writes == []
+
+
+async def test_lagging_held_and_closing_sessions_are_never_direct(pair: Any) -> None:
+    hub, topic = _hub()
+    session, _ = _session(hub, topic, pair[0].fileno())
+    session.start_lagging()
+    assert not session.direct
+    session.check_direct()
+    assert not session.direct
+    other, _ = _session(hub, topic, pair[0].fileno())
+    other.hold()
+    assert not other.direct
+    third, _ = _session(hub, topic, pair[0].fileno())
+    third.close(4008, "x")
+    assert not third.direct
+    without_fd, _ = _session(hub, topic, -1)
+    assert not without_fd.direct
