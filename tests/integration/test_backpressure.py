@@ -71,19 +71,20 @@ async def _drain(ws: Any, until_seq: int) -> list[dict[str, Any]]:
             return frames
 
 
-async def _gateway(make_gateway: GatewayFactory) -> RunningGateway:
+async def _gateway(make_gateway: GatewayFactory, high_water: int = HIGH_WATER) -> RunningGateway:
     return await make_gateway(
         outbound_buffer_bytes=LIMIT,
-        outbound_high_water_bytes=HIGH_WATER,
+        outbound_high_water_bytes=high_water,
         socket_send_buffer_bytes=4096,
         slow_consumer_grace_seconds=0,
     )
 
 
+@pytest.mark.parametrize("high_water", [HIGH_WATER, 0], ids=["high-water-8k", "default-0"])
 async def test_conflate_keeps_the_latest_per_channel_and_shows_gaps(
-    make_gateway: GatewayFactory, redis_client: aioredis.Redis
+    make_gateway: GatewayFactory, redis_client: aioredis.Redis, high_water: int
 ) -> None:
-    gw = await _gateway(make_gateway)
+    gw = await _gateway(make_gateway, high_water)
     http, ws = await _slow_client(gw, "market:tick:X")
     try:
         session = _session_of(gw, "market:tick:X")
@@ -119,13 +120,14 @@ async def test_drop_oldest_drops_from_the_front(
     assert tail == list(range(total - 19, total + 1))
 
 
+@pytest.mark.parametrize("high_water", [HIGH_WATER, 0], ids=["high-water-8k", "default-0"])
 async def test_a_stalled_client_that_catches_up_gets_every_frame_in_order(
-    make_gateway: GatewayFactory, redis_client: aioredis.Redis
+    make_gateway: GatewayFactory, redis_client: aioredis.Redis, high_water: int
 ) -> None:
     # One message per Redis read: the gateway writes each straight to the
     # socket until the kernel refuses bytes, then through the transport and
     # the backlog. No frame may be lost, torn or overtaken on the way back.
-    gw = await _gateway(make_gateway)
+    gw = await _gateway(make_gateway, high_water)
     http, ws = await _slow_client(gw, "engine:signal:X")
     try:
         session = _session_of(gw, "engine:signal:X")

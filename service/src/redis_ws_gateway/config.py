@@ -118,7 +118,10 @@ class Settings:
     drain_window_seconds: float = 10.0
     shutdown_timeout_seconds: float = 25.0
     outbound_buffer_bytes: int = 1_048_576
-    outbound_high_water_bytes: int = 65_536
+    # 0: a client lags as soon as the kernel refuses bytes, so what it misses
+    # meanwhile is conflated or dropped by policy rather than queued stale in
+    # the transport (docs/ARCHITECTURE.md, "Slow consumers").
+    outbound_high_water_bytes: int = 0
     slow_consumer_grace_seconds: float = 10.0
     default_policy: Policy = "drop-oldest"
     redis_username: str | None = None
@@ -301,7 +304,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DRAIN_WINDOW_SECONDS": ("drain_window_seconds", _float_range(0, 3600)),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_seconds", _float_range(0.1, 3600)),
     "OUTBOUND_BUFFER_BYTES": ("outbound_buffer_bytes", _int_range(4096, 1 << 30)),
-    "OUTBOUND_HIGH_WATER_BYTES": ("outbound_high_water_bytes", _int_range(1024, 1 << 30)),
+    "OUTBOUND_HIGH_WATER_BYTES": ("outbound_high_water_bytes", _int_range(0, 1 << 30)),
     "SLOW_CONSUMER_GRACE_SECONDS": ("slow_consumer_grace_seconds", _float_range(0, 3600)),
     "DEFAULT_CHANNEL_POLICY": ("default_policy", _choice(*POLICIES)),
     "REDIS_USERNAME": ("redis_username", _nonempty),

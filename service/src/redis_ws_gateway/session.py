@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .hub import Topic
 
 CLOSE_SLOW_CONSUMER = 4008
+# The most of a backlog written at once when a lagging client has room again.
+DRAIN_CHUNK_BYTES = 65_536
 
 _unique = itertools.count()
 
@@ -309,7 +311,7 @@ class Session:
                 self.close(CLOSE_SLOW_CONSUMER, "slow consumer: lagging too long")
                 return True
             return False
-        budget = self.high_water
+        budget = max(self.high_water, DRAIN_CHUNK_BYTES)
         chunk: list[bytes] = []
         while self.backlog and budget > 0:
             _, (frame, _) = self.backlog.popitem(last=False)
