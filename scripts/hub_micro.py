@@ -5,7 +5,8 @@ Routes messages through Hub.on_message/on_batch_end to sessions whose
 direct writes go to /dev/null, so what is timed is the gateway's Python per
 recipient (W1's shape: 1 channel x 1,000 sessions) and per message (W4's
 shape: 200 channels x 25 sessions each). Compare with the bench's kernel
-floor: docs/BENCHMARKS.md, "Where W1's and W4's CPU goes".
+floor: docs/BENCHMARKS-history.md, "Where W1's and W4's CPU goes", and
+docs/BENCHMARKS.md, "W4: what is left".
 
     .venv/bin/python scripts/hub_micro.py
 """
