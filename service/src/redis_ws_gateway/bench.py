@@ -2610,6 +2610,13 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
     def add(name: str, target: str, actual: str, ok: bool | None) -> None:
         out.append({"target": name, "goal": target, "actual": actual, "met": ok})
 
+    def against(name: str, us: float, value: float, limit: float | None) -> None:
+        """CPU per delivery as a ratio of a floor; ``limit``: the goal, if any."""
+        ratio = us / value
+        goal = f"<= {limit}x" if limit is not None else "(reference)"
+        met = ratio <= limit if limit is not None else None
+        add(name, goal, f"{us:.2f} us = {ratio:.2f}x of {value:.2f} us", met)
+
     floor = report.get("floor", {}).get("one_frame_us")
     fanout = _mean_floor(report, "one_frame_1000_sockets")
     w1 = _steps(report, "W1", "gateway")
@@ -2619,22 +2626,12 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
         if shaped and us is not None:
             # The floor the target is held against: one write per delivery to
             # the same receivers, at the same rhythm (bench_floor).
-            add(
-                "W1 CPU/delivery vs the floor in W1's shape (bench_floor)",
-                "<= 1.15x",
-                f"{us:.2f} us = {us / shaped:.2f}x of {shaped:.2f} us",
-                us / shaped <= 1.15,
-            )
+            against("W1 CPU/delivery vs the floor in W1's shape (bench_floor)", us, shaped, 1.15)
         # Tight loops of writes to receivers that never sleep: no wake-ups to
         # pay, so they read lower than any forwarder can; shown for reference.
         for label, value in (("one hot socket", floor), ("1000 sockets", fanout)):
             if value and us is not None:
-                add(
-                    f"W1 CPU/delivery vs tight-loop floor, {label}",
-                    "(reference)",
-                    f"{us:.2f} us = {us / value:.2f}x of {value:.2f} us",
-                    None,
-                )
+                against(f"W1 CPU/delivery vs tight-loop floor, {label}", us, value, None)
         add("W1 loss", "0", str(w1[0]["lost"]), w1[0]["lost"] == 0)
     for rate, p99_goal, us_goal in ((5000, 5.0, 1.5), (10000, None, 1.0)):
         s = _step_at(report, "W2", "gateway", rate)
@@ -2677,12 +2674,7 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
         add("W4 CPU/delivery", "<= 7 us", f"{us} us", us is not None and us <= 7.0)
         shaped = _shaped_floor(report, "W4")
         if shaped and us is not None:
-            add(
-                "W4 CPU/delivery vs the floor in W4's shape (bench_floor)",
-                "(reference)",
-                f"{us:.2f} us = {us / shaped:.2f}x of {shaped:.2f} us",
-                None,
-            )
+            against("W4 CPU/delivery vs the floor in W4's shape (bench_floor)", us, shaped, None)
     for wl in ("W5", "W5B"):
         w5 = _steps(report, wl, "gateway")
         if not (w5 and w1):

@@ -23,18 +23,16 @@ then data frames). Do not deploy it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from dataclasses import dataclass, field
-from typing import cast
 
 from aiohttp import WSMsgType, web
 
 from . import protocol
+from .bench_naive import serve_until_signalled, target_args
 from .upstream import SubKind, Upstream
 
 
@@ -149,8 +147,7 @@ class Floor:
         sock = transport.get_extra_info("socket") if transport is not None else None
         if transport is None or sock is None:
             raise web.HTTPInternalServerError(text="no socket")
-        # uvloop's transports are not asyncio.Transport subclasses.
-        conn = _Conn(sock.fileno(), cast("asyncio.Transport", transport))
+        conn = _Conn(sock.fileno(), transport)
         mine: list[_Channel] = []
         try:
             async for msg in ws:
@@ -191,27 +188,19 @@ async def serve(host: str, port: int, redis_url: str) -> None:
     app = web.Application()
     app.router.add_get("/ws", floor.handle_ws)
     app.router.add_get("/readyz", floor.readyz)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print(f"bench_floor: {floor.fallbacks} writes fell back to the transport", flush=True)
-    await floor.upstream.stop()
-    await runner.cleanup()
+
+    async def stop(_: web.Application) -> None:
+        print(f"bench_floor: {floor.fallbacks} writes fell back to the transport", flush=True)
+        await floor.upstream.stop()
+
+    app.on_shutdown.append(stop)
+    await serve_until_signalled(app, host, port)
 
 
 def main(argv: list[str] | None = None) -> int:
     import uvloop
 
-    p = argparse.ArgumentParser(prog="python -m redis_ws_gateway.bench_floor", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--redis-url", required=True)
-    args = p.parse_args(argv)
+    args = target_args("python -m redis_ws_gateway.bench_floor", __doc__, argv)
     uvloop.run(serve(args.host, args.port, args.redis_url))
     return 0
 

@@ -119,11 +119,8 @@ def _report_death(task: asyncio.Task[None]) -> None:
         print(f"bench_naive: reader died: {task.exception()!r}", file=sys.stderr, flush=True)
 
 
-async def serve(host: str, port: int, redis_url: str) -> None:
-    gateway = NaiveGateway(redis_url)
-    app = web.Application()
-    app.router.add_get("/ws", gateway.handle_ws)
-    app.router.add_get("/readyz", gateway.readyz)
+async def serve_until_signalled(app: web.Application, host: str, port: int) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT (the bench stops its targets so)."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -131,19 +128,34 @@ async def serve(host: str, port: int, redis_url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await gateway.close()
-    await runner.cleanup()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def target_args(prog: str, description: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The command line every bench target takes."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--redis-url", required=True)
+    return p.parse_args(argv)
+
+
+async def serve(host: str, port: int, redis_url: str) -> None:
+    gateway = NaiveGateway(redis_url)
+    app = web.Application()
+    app.router.add_get("/ws", gateway.handle_ws)
+    app.router.add_get("/readyz", gateway.readyz)
+    app.on_shutdown.append(lambda _: gateway.close())
+    await serve_until_signalled(app, host, port)
 
 
 def main(argv: list[str] | None = None) -> int:
     import uvloop
 
-    p = argparse.ArgumentParser(prog="python -m redis_ws_gateway.bench_naive", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--redis-url", required=True)
-    args = p.parse_args(argv)
+    args = target_args("python -m redis_ws_gateway.bench_naive", __doc__, argv)
     uvloop.run(serve(args.host, args.port, args.redis_url))
     return 0
 
