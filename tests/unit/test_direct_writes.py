@@ -137,10 +137,17 @@ def _read(sock: socket.socket) -> bytes:
         out += chunk
 
 
-def _route(hub: Hub, *payloads: bytes, replies: int | None = None) -> None:
-    hub.on_batch_start(len(payloads) if replies is None else replies)
-    for p in payloads:
-        hub.on_message(CHANNEL, None, p)
+def _route(hub: Hub, *payloads: bytes) -> None:
+    """One read with these messages on CHANNEL, as PubSubProtocol hands it over."""
+    _route_on(hub, *((CHANNEL, p) for p in payloads))
+
+
+def _route_on(hub: Hub, *messages: tuple[bytes, bytes]) -> None:
+    """One read with these (channel, payload) messages."""
+    names = [c for c, _ in messages]
+    hub.on_batch_start({c for c in names if names.count(c) > 1})
+    for channel, payload in messages:
+        hub.on_message(channel, None, payload)
     hub.on_batch_end()
 
 
@@ -195,11 +202,59 @@ def test_messages_of_one_read_are_joined_into_one_direct_write(
 def test_a_notice_queued_earlier_in_the_read_is_not_overtaken(pair: Any) -> None:
     hub, topic = _hub()
     session, _ = _session(hub, topic, pair[0].fileno())
-    hub.on_batch_start(1)
+    hub.on_batch_start(set())
     session.queue_control(b'{"type":"resubscribed"}')
     hub.on_message(CHANNEL, None, b"1")
     hub.on_batch_end()
     assert _seqs(_read(pair[1])) == [-1, 1]
+
+
+def test_channels_once_in_a_read_go_direct_and_repeated_ones_are_joined(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub, x = _hub()
+    y = Topic("channel", "market:tick:Y")
+    hub.channels[b"market:tick:Y"] = y
+    session, transport = _session(hub, x, pair[0].fileno())
+    y.sessions[session] = None
+    calls: list[bytes] = []
+    real = os.write
+
+    def recording(fd: int, data: bytes) -> int:
+        calls.append(bytes(data))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", recording)
+    # X and Y once each (W4's reads): each frame written as it is routed.
+    _route_on(hub, (CHANNEL, b"1"), (b"market:tick:Y", b"2"))
+    assert [_seqs(c) for c in calls] == [[1], [1]]
+    calls.clear()
+    # X twice around Y: the first X waits in the batch, so Y (once in the
+    # read) must wait behind it too; one write, in routing order.
+    _route_on(hub, (CHANNEL, b"3"), (b"market:tick:Y", b"4"), (CHANNEL, b"5"))
+    assert len(calls) == 1
+    stream = _read(pair[1])
+    assert [(f.split(b'"channel":"')[1][:13], s) for f, s in _frames(stream)] == [
+        (b"market:tick:X", 1),
+        (b"market:tick:Y", 1),
+        (b"market:tick:X", 2),
+        (b"market:tick:Y", 2),
+        (b"market:tick:X", 3),
+    ]
+    assert transport.writes == []
+
+
+def _frames(stream: bytes) -> list[tuple[bytes, int]]:
+    """(frame body, seq) of each data frame in a stream."""
+    out, i = [], 0
+    while i < len(stream):
+        n, head = stream[i + 1] & 0x7F, 2
+        if n == 126:
+            n, head = int.from_bytes(stream[i + 2 : i + 4], "big"), 4
+        body = stream[i + head : i + head + n]
+        out.append((body, _seqs(stream[i : i + head + n])[0]))
+        i += head + n
+    return out
 
 
 def test_no_direct_write_once_the_transport_is_closing(pair: Any) -> None:

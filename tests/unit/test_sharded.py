@@ -3,6 +3,7 @@ protocol tells its own SUNSUBSCRIBE replies from the server's."""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import hiredis
@@ -56,12 +57,13 @@ class _Listener:
         self.confirmed: list[tuple[SubKind, bytes, str | None]] = []
         self.lost: list[bytes] = []
         self.messages: list[tuple[bytes, bytes]] = []
+        self.reads: list[set[bytes]] = []
 
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages.append((channel, payload))
 
-    def on_batch_start(self, replies: int) -> None:
-        pass
+    def on_batch_start(self, repeated: Container[bytes]) -> None:
+        self.reads.append(set(repeated))
 
     def on_batch_end(self) -> None:
         pass
@@ -129,3 +131,21 @@ async def test_ssubscribe_per_slot_and_sunsubscribe_from_the_server() -> None:
     )
     assert listener.lost == [b"{t}b"]
     assert pong is not None and pong.result() == b"PONG"
+
+
+async def test_each_read_says_which_channels_it_carries_more_than_once() -> None:
+    # The hub writes a channel's only message of a read at once and joins a
+    # repeated channel's messages per client: it needs this before the first.
+    listener = _Listener()
+    proto = PubSubProtocol(listener)
+    proto.connection_made(_Transport())  # type: ignore[arg-type]
+    proto.data_received(_resp(b"message", b"x", b"1"))
+    proto.data_received(
+        _resp(b"message", b"x", b"2")
+        + _resp(b"smessage", b"y", b"3")
+        + _resp(b"pmessage", b"x*", b"x", b"4")
+        + _resp(b"message", b"x", b"5")
+    )
+    proto.data_received(_resp(b"message", b"x", b"6") + _resp(b"message", b"y", b"7"))
+    assert listener.reads == [set(), {b"x"}, set()]
+    assert [p for _, p in listener.messages] == [b"1", b"2", b"3", b"4", b"5", b"6", b"7"]

@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
@@ -101,7 +102,7 @@ class Floor:
 
     # --- the rest of UpstreamListener -----------------------------------------------
 
-    def on_batch_start(self, replies: int) -> None:
+    def on_batch_start(self, repeated: Container[bytes]) -> None:
         pass
 
     def on_batch_end(self) -> None:

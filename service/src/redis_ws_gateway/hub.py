@@ -14,7 +14,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,6 +34,17 @@ if TYPE_CHECKING:
 log = structlog.get_logger("redis_ws_gateway.hub")
 
 _POLICY_CACHE_MAX = 10_000
+
+
+class _EveryChannel:
+    """Every channel counts as repeated: nothing is written ahead of the
+    batch (reads that did not say which channels repeat, e.g. streams)."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+EVERY_CHANNEL: Container[bytes] = _EveryChannel()
 
 
 class Topic:
@@ -104,7 +115,7 @@ class Hub:
         self._policy_cache: dict[bytes, Policy] = {}
         self._grace = slow_consumer_grace
         self._dirty: list[Session] = []
-        self._lone = False
+        self._repeated: Container[bytes] = EVERY_CHANNEL
         self._routed = False
         self._lagging: set[Session] = set()
         self._drain_task: asyncio.Task[None] | None = None
@@ -379,11 +390,11 @@ class Hub:
         if lost:
             log.warning("clients_notified_upstream_lost", sessions=len(lost))
 
-    def on_batch_start(self, replies: int = 0) -> None:
+    def on_batch_start(self, repeated: Container[bytes] = EVERY_CHANNEL) -> None:
         self._batch_started = time.perf_counter()
-        # A read that carried one message can write it to each direct
-        # session at once: there is nothing to join it with.
-        self._lone = replies == 1
+        # A channel with one message in this read can have it written to
+        # each direct session at once: there is nothing to join it with.
+        self._repeated = repeated
 
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1
@@ -410,13 +421,18 @@ class Hub:
             dirty = self._dirty
             # Session.deliver and Session.write, inlined: this loop runs once
             # per recipient, and a Python call per recipient is most of the
-            # gateway's own cost. Writing at once is safe only while no
-            # session holds a frame routed earlier in this read.
-            lone = self._lone and not dirty
+            # gateway's own cost. A session that holds a frame routed earlier
+            # in this read (its batch) gets this one behind it, never before.
+            lone = channel not in self._repeated
             write = os.write
             size = len(frame)
             for session in topic.sessions:
-                if lone and session.direct and not session.transport.is_closing():
+                if (
+                    lone
+                    and session.direct
+                    and not session.batch
+                    and not session.transport.is_closing()
+                ):
                     session.frames_sent += 1
                     session.bytes_sent += size
                     try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -124,8 +124,8 @@ class _Link:
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.owner.hub.on_message(channel, pattern, payload)
 
-    def on_batch_start(self, replies: int) -> None:
-        self.owner.hub.on_batch_start(replies)
+    def on_batch_start(self, repeated: Container[bytes]) -> None:
+        self.owner.hub.on_batch_start(repeated)
 
     def on_batch_end(self) -> None:
         self.owner.hub.on_batch_end()

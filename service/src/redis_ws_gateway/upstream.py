@@ -19,7 +19,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 from urllib.parse import unquote, urlparse
@@ -42,6 +42,8 @@ _SUB_CMD: dict[SubKind, bytes] = {
     "shard": b"SSUBSCRIBE",
 }
 _CONFIRMED_VERBS = frozenset(_SUB_CMD.values())
+# Exact-channel messages (a pmessage's channel is routed by its pattern).
+_MESSAGE_KINDS = frozenset((b"message", b"smessage"))
 _UNSUB_CMD: dict[SubKind, bytes] = {
     "channel": b"UNSUBSCRIBE",
     "pattern": b"PUNSUBSCRIBE",
@@ -51,8 +53,9 @@ _UNSUB_CMD: dict[SubKind, bytes] = {
 
 class UpstreamListener(Protocol):
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None: ...
-    def on_batch_start(self, replies: int) -> None:
-        """Before the replies of one read are handed over (``replies`` of them)."""
+    def on_batch_start(self, repeated: Container[bytes]) -> None:
+        """Before the replies of one read are handed over; ``repeated``: the
+        channels with more than one message (smessage too) among them."""
 
     def on_batch_end(self) -> None: ...
     def on_upstream_up(self) -> None: ...
@@ -166,9 +169,20 @@ class PubSubProtocol(asyncio.Protocol):
             log.error("upstream_protocol_error", error=str(exc))
             if self.transport is not None:
                 self.transport.abort()
-        # The count first: the listener writes a read's lone message at once
-        # and joins several per client.
-        listener.on_batch_start(len(replies))
+        # Which channels come more than once in this read, first: the
+        # listener writes a channel's only message of the read at once, and
+        # joins a repeated channel's messages into one write per client.
+        repeated: set[bytes] = set()
+        if len(replies) > 1:
+            seen: set[bytes] = set()
+            for reply in replies:
+                if type(reply) is list and len(reply) >= 3 and reply[0] in _MESSAGE_KINDS:
+                    name = reply[1]
+                    if name in seen:
+                        repeated.add(name)
+                    else:
+                        seen.add(name)
+        listener.on_batch_start(repeated)
         try:
             for reply in replies:
                 if type(reply) is list and len(reply) >= 3:
