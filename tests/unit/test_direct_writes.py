@@ -151,6 +151,19 @@ def _route_on(hub: Hub, *messages: tuple[bytes, bytes]) -> None:
     hub.on_batch_end()
 
 
+def _record_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bytes]]:
+    """Every os.write from now on, as (fd, bytes), still performed."""
+    calls: list[tuple[int, bytes]] = []
+    real = os.write
+
+    def recording(fd: int, data: bytes) -> int:
+        calls.append((fd, bytes(data)))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", recording)
+    return calls
+
+
 def _seqs(stream: bytes) -> list[int]:
     """The seq of each data frame in a stream of unmasked server text frames."""
     import orjson
@@ -185,16 +198,9 @@ def test_messages_of_one_read_are_joined_into_one_direct_write(
 ) -> None:
     hub, topic = _hub()
     session, transport = _session(hub, topic, pair[0].fileno())
-    calls: list[int] = []
-    real = os.write
-
-    def counting(fd: int, data: bytes) -> int:
-        calls.append(fd)
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", counting)
+    calls = _record_writes(monkeypatch)
     _route(hub, b"1", b"2", b"3")
-    assert calls == [pair[0].fileno()]
+    assert [fd for fd, _ in calls] == [pair[0].fileno()]
     assert _seqs(_read(pair[1])) == [1, 2, 3]
     assert transport.writes == [] and session.frames_sent == 3
 
@@ -217,17 +223,10 @@ def test_channels_once_in_a_read_go_direct_and_repeated_ones_are_joined(
     hub.channels[b"market:tick:Y"] = y
     session, transport = _session(hub, x, pair[0].fileno())
     y.sessions[session] = None
-    calls: list[bytes] = []
-    real = os.write
-
-    def recording(fd: int, data: bytes) -> int:
-        calls.append(bytes(data))
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", recording)
+    calls = _record_writes(monkeypatch)
     # X and Y once each (W4's reads): each frame written as it is routed.
     _route_on(hub, (CHANNEL, b"1"), (b"market:tick:Y", b"2"))
-    assert [_seqs(c) for c in calls] == [[1], [1]]
+    assert [_seqs(data) for _, data in calls] == [[1], [1]]
     calls.clear()
     # X twice around Y: the first X waits in the batch, so Y (once in the
     # read) must wait behind it too; one write, in routing order.
