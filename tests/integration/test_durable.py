@@ -13,9 +13,11 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from redis_ws_gateway.client import GatewayClient, ServerError
 from redis_ws_gateway.config import DurableRule, ExposedStream, SnapshotRule
+from redis_ws_gateway.durable import RENEW_READER_AFTER
 from tests.support.gateway import RunningGateway, gateway_settings, spawn_gateway
 from tests.support.redis_server import RedisServer, free_port
 
@@ -474,3 +476,48 @@ async def test_replay_beyond_a_small_cache_mixes_redis_and_memory_exactly_once(
         [got] = await _resume_all(gw.url, channel, ids[2], 1)
     assert got == ids[3:]
     assert 0 < gw.gateway.durable.replayed_from_cache <= 5
+
+
+class _StuckReader:
+    """A readers' client whose every XREAD fails, as the cluster client of a
+    fresh-clone test run did for 30 s after a master was killed."""
+
+    connection_pool = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.closed = False
+
+    async def xread(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        raise RedisConnectionError("stuck")
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+        self.closed = True
+
+
+async def test_a_readers_client_that_keeps_failing_is_replaced(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    gw = RunningGateway(
+        gateway_settings(
+            redis_server.url,
+            durable=DURABLE,
+            redis_reconnect_min_seconds=0.01,
+            redis_reconnect_max_seconds=0.05,
+        )
+    )
+    await gw.start()
+    try:
+        stuck = _StuckReader()
+        gw.gateway.durable._reader = stuck  # type: ignore[assignment]
+        async with GatewayClient(gw.url) as c:
+            await c.subscribe("engine:decision:RENEW")
+            entry = await xadd(redis_client, "engine:decision:RENEW", {"i": 1})
+            # Delivered only once the reader gave up on the stuck client.
+            [frame] = await collect_data(c, 1, timeout=15)
+        assert frame["offset"] == entry
+        assert stuck.calls >= RENEW_READER_AFTER and stuck.closed
+        assert gw.gateway.durable._reader is not stuck
+    finally:
+        await gw.stop()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 import structlog
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -63,6 +64,9 @@ _REDIS_DOWN = (
     AskError,
 )
 _BLOCK_MS = 250
+# Consecutive failed XREADs of one reader group before the readers' client is
+# replaced by a fresh one (about 6 s with the default backoff).
+RENEW_READER_AFTER = 6
 
 
 class UpstreamUnavailable(GatewayError):
@@ -142,6 +146,7 @@ class Durable:
         self.redis = make_client(settings)
         # XREAD BLOCK holds its connection: it gets one of its own.
         self._reader = make_client(settings, single_connection=True)
+        self._closing_readers: set[asyncio.Task[None]] = set()
         self._topics: dict[bytes, tuple[Topic, StreamSpec]] = {}
         self._caches: dict[bytes, ReplayCache] = {}
         self._creating: dict[str, asyncio.Future[Topic]] = {}
@@ -198,6 +203,9 @@ class Durable:
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
         await close_client(self._reader)
         await close_client(self.redis)
+        for task in list(self._closing_readers):
+            with contextlib.suppress(Exception):
+                await task
 
     # --- publishing --------------------------------------------------------------
 
@@ -466,6 +474,24 @@ class Durable:
             name = "durable-reader" if group.slot is None else f"durable-reader-{group.slot}"
             group.task = asyncio.create_task(self._read_group(group), name=name)
 
+    def _renew_reader(self, failed: aioredis.Redis, exc: Exception, failures: int) -> None:
+        """A fresh client for the readers, from the configured addresses.
+
+        A cluster client's view of the nodes can stay broken after a node
+        dies (a fresh-clone test run once saw every XREAD fail for 30 s after
+        the replica had taken over); a new client starts from the seeds. Other
+        groups still blocked on the old one fail once and retry on the new.
+        """
+        if failed is not self._reader or self._stopping:
+            return  # another group renewed it already
+        log.warning(
+            "durable_reader_renewed", failures=failures, error=str(exc) or type(exc).__name__
+        )
+        self._reader = make_client(self._settings, single_connection=True)
+        task = asyncio.get_running_loop().create_task(close_client(failed))
+        self._closing_readers.add(task)
+        task.add_done_callback(self._closing_readers.discard)
+
     async def _read_group(self, group: _ReaderGroup) -> None:
         delay = self._settings.redis_reconnect_min_seconds
         where = {} if group.slot is None else {"slot": group.slot}
@@ -477,8 +503,9 @@ class Durable:
                 if self._groups.get(group.slot) is group:
                     del self._groups[group.slot]
                 return
+            reader = self._reader
             try:
-                reply: Any = await self._reader.xread(streams, count=1000, block=_BLOCK_MS)
+                reply: Any = await reader.xread(streams, count=1000, block=_BLOCK_MS)
             except Exception as exc:
                 # Anything: a failover ends a blocked XREAD with "UNBLOCKED
                 # ... master -> replica", a migration with MOVED. The reader
@@ -489,12 +516,16 @@ class Durable:
                         "durable_reader_down", error=str(exc) or type(exc).__name__, **where
                     )
                 group.up = False
+                group.failures += 1
+                if group.failures % RENEW_READER_AFTER == 0:
+                    self._renew_reader(reader, exc, group.failures)
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._settings.redis_reconnect_max_seconds)
                 continue
             if not group.up:
                 log.info("durable_reader_up", streams=len(streams), **where)
             group.up = True
+            group.failures = 0
             delay = self._settings.redis_reconnect_min_seconds
             if not reply:
                 continue
@@ -524,13 +555,14 @@ class _ReaderGroup:
     """The durable topics one blocking XREAD tails: all of them, or on a
     Redis Cluster those whose stream key is in ``slot``."""
 
-    __slots__ = ("slot", "task", "topics", "up")
+    __slots__ = ("failures", "slot", "task", "topics", "up")
 
     def __init__(self, slot: int | None) -> None:
         self.slot = slot
         self.topics: dict[bytes, tuple[Topic, StreamSpec]] = {}
         self.task: asyncio.Task[None] | None = None
         self.up = False
+        self.failures = 0  # consecutive failed XREADs
 
 
 def _replay_frame(channel: bytes, entry_id: bytes, payload: bytes) -> bytes:
