@@ -346,8 +346,7 @@ class WsConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.session.closing = True
-        self.session.direct = False
+        self.session.stop_writing()
         self.parser = None
         self._try_finish()
 
@@ -384,16 +383,14 @@ class WsConnection(asyncio.Protocol):
     def close(self, code: int, reason: str) -> None:
         """Send a close frame and close the socket (aiohttp closed at once as
         well rather than waiting for the client's reply)."""
-        self.session.closing = True
-        self.session.direct = False
+        self.session.stop_writing()
         self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> None:
         if self.closing:
             return
         self.closing = True
-        self.session.closing = True
-        self.session.direct = False
+        self.session.stop_writing()
         if self.close_code is None:
             self.close_code = code
         if not self.lost:
@@ -412,8 +409,7 @@ class WsConnection(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
-        self.session.closing = True
-        self.session.direct = False
+        self.session.stop_writing()
         self.close_code = code
         if not self.lost:
             self.transport.abort()

@@ -486,7 +486,9 @@ class Hub:
             write = os.write
             for session in dirty:
                 # Session.flush and Session.write, inlined for the same
-                # reason as in on_message.
+                # reason as in on_message: a flush() call per session instead
+                # cost W2 at 10,000 msg/s 0.61 -> 0.74 us per delivery
+                # (medians of three alternating runs).
                 batch = session.batch
                 data = batch[0] if len(batch) == 1 else b"".join(batch)
                 session.frames_sent += len(batch)

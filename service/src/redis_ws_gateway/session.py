@@ -344,11 +344,16 @@ class Session:
             size += self.transport.get_write_buffer_size()
         return size
 
+    def stop_writing(self) -> None:
+        """The connection is closing or gone: nothing more is written, and
+        never to the descriptor, which the transport may close any moment."""
+        self.closing = True
+        self.direct = False
+
     def close(self, code: int, reason: str) -> None:
         if self.closing:
             return
-        self.closing = True
-        self.direct = False
+        self.stop_writing()
         self._set_writable()
         self.batch.clear()
         self.backlog.clear()
