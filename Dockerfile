@@ -13,9 +13,15 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
+# The package's one C extension (the fan-out write loop, service/setup.py)
+# needs a compiler; the builder has it, the final image does not. Every
+# dependency ships manylinux wheels.
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, from pyproject.toml alone with a placeholder package,
-# so editing source does not invalidate this (slow) layer. Every dependency
-# ships manylinux wheels, so the builder needs no compiler either.
+# so editing source does not invalidate this (slow) layer.
 COPY service/pyproject.toml /build/deps/pyproject.toml
 RUN mkdir -p /build/deps/src/redis_ws_gateway \
     && touch /build/deps/src/redis_ws_gateway/__init__.py \
@@ -27,7 +33,7 @@ COPY service/ /build/service/
 # source tree. pip byte-compiles here because the runtime filesystem is
 # read-only.
 RUN pip install --no-deps /build/service \
-    && python -c "import redis_ws_gateway.cli"
+    && python -c "import redis_ws_gateway.cli; from redis_ws_gateway import _fanout"
 
 
 FROM ${PYTHON_IMAGE}

@@ -16,6 +16,13 @@ command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
 # The local e2e suite (tests/e2e) puts HAProxy in front of several gateways.
 # Debian installs it in /usr/sbin, which is not on a normal user's PATH.
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+# The package's C extension (the fan-out loop) needs a compiler and the
+# interpreter's headers.
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+"${PYTHON:-python3}" - <<'PYEOF' || need_apt+=(python3-dev)
+import os, sys, sysconfig
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
+PYEOF
 if [ "${SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   need_apt+=(chromium)
 fi
@@ -30,7 +37,9 @@ fi
 # tests start their own on free ports, so that one is harmless but unneeded.
 
 PY=${PYTHON:-python3}
-stamp=.venv/.installed-$(sha256sum service/pyproject.toml | cut -c1-16)
+# The editable install builds the C extension into the source tree, so its
+# source and setup.py are part of what a change must reinstall.
+stamp=.venv/.installed-$(cat service/pyproject.toml service/setup.py service/src/redis_ws_gateway/_fanout.c | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   log "creating .venv and installing the package with its dev tools"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -1,5 +1,7 @@
 """Direct writes: a read's lone message goes from the hub to each client's
-socket with one os.write, past the transport, and never out of order.
+socket with one write, past the transport, and never out of order. Every
+test runs with both fan-out loops: the C one (redis_ws_gateway._fanout) and
+its Python twin.
 
 Pure logic on real sockets (socket pairs; no Redis). The transport is a
 recording stand-in: what matters is which bytes reach the peer directly,
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from redis_ws_gateway import fanout
 from redis_ws_gateway.hub import Hub, Topic
 from redis_ws_gateway.session import Session
 
@@ -59,6 +62,19 @@ class _Transport:
 class _Principal:
     def may_read(self, name: str) -> bool:
         return True
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def fanout_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The hub's direct-write loop for this test: Hub() takes fanout.write_each."""
+    if request.param == "c":
+        if fanout.NATIVE:
+            monkeypatch.setattr(fanout, "write_each", fanout.write_each_c)
+        else:
+            pytest.fail("the _fanout extension is not built (see test_the_c_loop_is_built)")
+    else:
+        monkeypatch.setattr(fanout, "write_each", fanout.write_each_py)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -151,16 +167,31 @@ def _route_on(hub: Hub, *messages: tuple[bytes, bytes]) -> None:
     hub.on_batch_end()
 
 
-def _record_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bytes]]:
-    """Every os.write from now on, as (fd, bytes), still performed."""
+def _record_writes(monkeypatch: pytest.MonkeyPatch, hub: Hub) -> list[tuple[int, bytes]]:
+    """Every write from now on, as (fd, bytes), still performed: the hub's
+    os.write calls and each descriptor of its write_each calls (once, whichever
+    loop the hub has)."""
     calls: list[tuple[int, bytes]] = []
     real = os.write
+    each = hub.write_each
+    inside = False
 
     def recording(fd: int, data: bytes) -> int:
-        calls.append((fd, bytes(data)))
+        if not inside:
+            calls.append((fd, bytes(data)))
         return real(fd, data)
 
+    def recording_each(frame: bytes, fds: list[int]) -> list[tuple[int, int]] | None:
+        nonlocal inside
+        calls.extend((fd, frame) for fd in fds)
+        inside = True
+        try:
+            return each(frame, fds)
+        finally:
+            inside = False
+
     monkeypatch.setattr(os, "write", recording)
+    hub.write_each = recording_each
     return calls
 
 
@@ -198,7 +229,7 @@ def test_messages_of_one_read_are_joined_into_one_direct_write(
 ) -> None:
     hub, topic = _hub()
     session, transport = _session(hub, topic, pair[0].fileno())
-    calls = _record_writes(monkeypatch)
+    calls = _record_writes(monkeypatch, hub)
     _route(hub, b"1", b"2", b"3")
     assert [fd for fd, _ in calls] == [pair[0].fileno()]
     assert _seqs(_read(pair[1])) == [1, 2, 3]
@@ -223,7 +254,7 @@ def test_channels_once_in_a_read_go_direct_and_repeated_ones_are_joined(
     hub.channels[b"market:tick:Y"] = y
     session, transport = _session(hub, x, pair[0].fileno())
     y.sessions[session] = None
-    calls = _record_writes(monkeypatch)
+    calls = _record_writes(monkeypatch, hub)
     # X and Y once each (W4's reads): each frame written as it is routed.
     _route_on(hub, (CHANNEL, b"1"), (b"market:tick:Y", b"2"))
     assert [_seqs(data) for _, data in calls] == [[1], [1]]

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from . import protocol
+from . import fanout, protocol
 from .auth import Authenticator, Principal, build_acl
 from .config import Settings, SnapshotRule
 from .connection import Detached, Wheel, WsConnection, detach
@@ -80,6 +80,7 @@ class Gateway:
             policies=settings.channel_policies,
             default_policy=settings.default_policy,
             slow_consumer_grace=settings.slow_consumer_grace_seconds,
+            native_writes=settings.native_writes,
         )
         self.upstream = Upstream(
             settings.redis_url,
@@ -900,6 +901,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         host=settings.host,
         port=settings.port,
         redis=gateway.upstream.address.describe(),
+        # Which fan-out loop runs: "c", or "python" when the _fanout
+        # extension was not built or NATIVE_WRITES is off.
+        fanout="c" if gateway.hub.write_each is not fanout.write_each_py else "python",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

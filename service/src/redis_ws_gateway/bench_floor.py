@@ -2,14 +2,15 @@
 per delivery, which ``redis-ws-gateway bench`` measures next to the gateway.
 
 It reads Redis the way the gateway does (the same hiredis ``Upstream``) and
-builds each message's frame once with the gateway's own functions; then, per
-recipient, it makes one ``os.write`` on the socket's file descriptor from a
-plain Python loop: no session, no batch, no buffer accounting, no
-slow-consumer policy. Its CPU per delivery is what one small loopback write
-costs with the same receivers, the same publisher and the same rhythm as the
-workload (receivers that sleep between messages must be woken, sockets are
-cold), plus ~0.1 us of interpreter per write. A tight loop of writes to
-receivers that are always busy (the bench's other floor) pays for neither.
+builds each message's frame once with the gateway's own functions; then it
+hands the frame and the file descriptors of its recipients to the gateway's
+fan-out loop (``fanout.write_each``: C when built, as in the gateway), one
+``write`` per recipient: no session, no batch, no buffer accounting, no
+slow-consumer policy, no per-recipient Python. Its CPU per delivery is what
+one small loopback write costs with the same receivers, the same publisher
+and the same rhythm as the workload (receivers that sleep between messages
+must be woken, sockets are cold). A tight loop of writes to receivers that
+are always busy (the bench's other floor) pays for neither.
 
 A write that the kernel does not take whole hands the rest, and everything
 after it on that connection, to the transport, so nothing is lost or
@@ -25,14 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Container
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
-from . import protocol
+from . import fanout, protocol
 from .bench_naive import serve_until_signalled, target_args
 from .upstream import SubKind, Upstream
 
@@ -51,6 +51,8 @@ class _Channel:
     prefix: bytes
     seq: int = 0
     raw: list[_Conn] = field(default_factory=list)
+    # The descriptors of ``raw``, in its order: what write_each takes.
+    fds: list[int] = field(default_factory=list)
     buffered: list[_Conn] = field(default_factory=list)
 
 
@@ -79,17 +81,14 @@ class Floor:
         ch.seq += 1
         body, is_b64 = protocol.payload_json(payload)
         frame = protocol.text_frame(protocol.data_message(ch.prefix, ch.seq, body, is_b64))
-        write = os.write
-        n = len(frame)
-        for conn in ch.raw:
-            try:
-                sent = write(conn.fd, frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                continue  # the peer is gone; its handler removes it
-            if sent != n:
-                self._fall_back(ch, conn, frame[sent:])
+        failed = fanout.write_each(frame, ch.fds)
+        if failed is not None:
+            raw = ch.raw
+            # Backwards: _fall_back removes the connection from raw and fds.
+            for i, sent in reversed(failed):
+                if sent >= 0:
+                    self._fall_back(ch, raw[i], frame[sent:])
+                # sent < 0: the peer is gone; its handler removes it
         for conn in ch.buffered:
             conn.transport.write(frame)
 
@@ -97,7 +96,9 @@ class Floor:
         self.fallbacks += 1
         conn.buffered = True
         conn.transport.write(rest)
-        ch.raw.remove(conn)
+        i = ch.raw.index(conn)
+        del ch.raw[i]
+        del ch.fds[i]
         ch.buffered.append(conn)
 
     # --- the rest of UpstreamListener -----------------------------------------------
@@ -170,13 +171,20 @@ class Floor:
                 # The reply is on the wire before the first raw write.
                 await ws.send_str(json.dumps(reply))
                 for c in chans:
-                    (c.buffered if conn.buffered else c.raw).append(conn)
+                    if conn.buffered:
+                        c.buffered.append(conn)
+                    else:
+                        c.raw.append(conn)
+                        c.fds.append(conn.fd)
                     mine.append(c)
         finally:
             for c in mine:
-                for lst in (c.raw, c.buffered):
-                    if conn in lst:
-                        lst.remove(conn)
+                if conn in c.raw:
+                    i = c.raw.index(conn)
+                    del c.raw[i]
+                    del c.fds[i]
+                if conn in c.buffered:
+                    c.buffered.remove(conn)
         return ws
 
     async def readyz(self, _: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ import orjson
 import structlog
 from opentelemetry.trace import Tracer
 
-from . import protocol
+from . import fanout, protocol
 from .config import ChannelPolicy, Policy
 from .globmatch import glob_match, is_pattern
 from .session import Session
@@ -101,7 +101,11 @@ class Hub:
         policies: Iterable[ChannelPolicy],
         default_policy: Policy,
         slow_consumer_grace: float,
+        native_writes: bool = True,
     ) -> None:
+        # The direct writes' loop: C (the _fanout extension) unless it was
+        # not built or the NATIVE_WRITES setting turns it off.
+        self.write_each = fanout.select(native_writes)
         self.upstream: Upstream | None = None
         self.sharded: ShardedUpstream | None = None
         self.sharded_patterns: tuple[str, ...] = ()
@@ -423,9 +427,15 @@ class Hub:
             # per recipient, and a Python call per recipient is most of the
             # gateway's own cost. A session that holds a frame routed earlier
             # in this read (its batch) gets this one behind it, never before.
+            # The checks stay here, the writes go to write_each after the
+            # loop: one call for every direct recipient. Nothing between a
+            # check and its write can close a socket: deliver() acts on its
+            # own (lagging, so not direct) session, and no other callback
+            # runs before this method returns.
             lone = channel not in self._repeated
-            write = os.write
             size = len(frame)
+            fds: list[int] = []
+            direct: list[Session] = []
             for session in topic.sessions:
                 if (
                     lone
@@ -435,14 +445,8 @@ class Hub:
                 ):
                     session.frames_sent += 1
                     session.bytes_sent += size
-                    try:
-                        done = write(session.fd, frame)
-                    except (BlockingIOError, InterruptedError):
-                        done = 0
-                    except OSError:
-                        done = -1
-                    if done != size:
-                        session.direct_failed(frame, done)
+                    fds.append(session.fd)
+                    direct.append(session)
                     continue
                 if session.lagging:
                     session.deliver(frame, key, policy)
@@ -451,6 +455,11 @@ class Hub:
                 if not batch:
                     dirty.append(session)
                 batch.append(frame)
+            if fds:
+                failed = self.write_each(frame, fds)
+                if failed is not None:
+                    for i, done in failed:
+                        direct[i].direct_failed(frame, done)
         else:
             name = channel.decode("utf-8", "surrogateescape")
             for session in topic.sessions:

@@ -1,0 +1,100 @@
+/* The fan-out write loop in C: one frame to many client sockets.
+ *
+ * The hub decides in Python which sessions may be written directly (see
+ * Hub.on_message and docs/ARCHITECTURE.md, "The data path"); this writes
+ * the frame to each of their descriptors and reports the ones the kernel
+ * did not take whole. In W4's shape (each delivery its own write) the same
+ * loop in Python costs ~1 us more per delivery than this one
+ * (docs/BENCHMARKS.md, session 4), mostly os.write's own work around the
+ * syscall: argument conversion, releasing and taking the GIL, a result
+ * object. The sockets are non-blocking, so the GIL is held throughout: no
+ * other thread can run between the hub's checks and these writes.
+ *
+ * write(2), not send(2), so that it behaves exactly like os.write on any
+ * descriptor (the unit tests use pipes too). SIGPIPE is ignored by the
+ * interpreter, so a dead peer is an EPIPE here, not a signal.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <unistd.h>
+
+PyDoc_STRVAR(write_each_doc,
+"write_each(frame, fds, /)\n--\n\n"
+"Write bytes `frame` to each descriptor in list `fds`. Returns None when\n"
+"every write took the whole frame, else a list of (index, written) for the\n"
+"others: written is the byte count of a partial write, 0 when the socket\n"
+"was full (EAGAIN) or the call was interrupted, -1 on any other error.");
+
+static PyObject *
+write_each(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "write_each(frame: bytes, fds: list[int])");
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    PyObject *fds = args[1];
+    PyObject *failed = NULL;
+
+    /* The list cannot change under us: nothing here runs Python code. */
+    Py_ssize_t n = PyList_GET_SIZE(fds);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long fd = PyLong_AsLongAndOverflow(PyList_GET_ITEM(fds, i), &overflow);
+        if (fd == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+        if (overflow != 0 || fd < 0 || fd > INT_MAX) {
+            PyErr_Format(PyExc_ValueError, "fds[%zd] is not a file descriptor", i);
+            goto error;
+        }
+        ssize_t done = write((int)fd, data, (size_t)size);
+        if (done == size) {
+            continue;
+        }
+        if (done < 0) {
+            done = (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
+        }
+        if (failed == NULL && (failed = PyList_New(0)) == NULL) {
+            return NULL;
+        }
+        PyObject *item = Py_BuildValue("(nn)", i, (Py_ssize_t)done);
+        if (item == NULL) {
+            goto error;
+        }
+        int rc = PyList_Append(failed, item);
+        Py_DECREF(item);
+        if (rc < 0) {
+            goto error;
+        }
+    }
+    if (failed == NULL) {
+        Py_RETURN_NONE;
+    }
+    return failed;
+
+error:
+    Py_XDECREF(failed);
+    return NULL;
+}
+
+static PyMethodDef fanout_methods[] = {
+    {"write_each", (PyCFunction)(void (*)(void))write_each, METH_FASTCALL, write_each_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef fanout_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "redis_ws_gateway._fanout",
+    .m_doc = "The gateway's fan-out write loop, in C.",
+    .m_size = 0,
+    .m_methods = fanout_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fanout(void)
+{
+    return PyModuleDef_Init(&fanout_module);
+}

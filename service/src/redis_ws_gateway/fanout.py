@@ -1,0 +1,52 @@
+"""One frame to many sockets: the hub's direct writes.
+
+``write_each`` is the C loop of ``_fanout`` when the package was built with
+it, else ``write_each_py``, the same loop in Python with the same results.
+Both write the whole frame to each descriptor with one ``write`` and report
+the descriptors that did not take it whole, so the hub can hand the rest to
+that session's transport (``Session.direct_failed``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Final
+
+WriteEach = Callable[[bytes, list[int]], list[tuple[int, int]] | None]
+
+
+def write_each_py(frame: bytes, fds: list[int]) -> list[tuple[int, int]] | None:
+    """``_fanout.write_each`` in Python: None when every write took the whole
+    frame, else (index, written) per other descriptor, with 0 for a full
+    socket and -1 for an error."""
+    failed: list[tuple[int, int]] | None = None
+    size = len(frame)
+    write = os.write
+    for i, fd in enumerate(fds):
+        try:
+            done = write(fd, frame)
+        except (BlockingIOError, InterruptedError):
+            done = 0
+        except OSError:
+            done = -1
+        if done != size:
+            if failed is None:
+                failed = []
+            failed.append((i, done))
+    return failed
+
+
+write_each_c: WriteEach | None
+try:
+    from ._fanout import write_each as write_each_c
+except ImportError:  # built without a C compiler
+    write_each_c = None
+
+NATIVE: Final = write_each_c is not None
+write_each: WriteEach = write_each_py if write_each_c is None else write_each_c
+
+
+def select(native: bool) -> WriteEach:
+    """The loop the hub uses: C when built and wanted (setting NATIVE_WRITES)."""
+    return write_each if native else write_each_py
