@@ -73,7 +73,7 @@ def test_an_empty_list_writes_nothing(write_each: WriteEach) -> None:
 def test_full_partial_and_dead_descriptors_are_reported_by_index(
     write_each: WriteEach, pipes: list[tuple[int, int]]
 ) -> None:
-    (r0, w0), (r1, w1), (r2, w2) = pipes
+    (r0, w0), (_, w1), (r2, w2) = pipes
     _fill(w1)  # full: EAGAIN
     os.close(r2)  # no reader: EPIPE
     big = b"x" * 6000  # more than the pipe holds: a partial write
@@ -84,7 +84,7 @@ def test_full_partial_and_dead_descriptors_are_reported_by_index(
 def test_the_descriptors_after_a_failure_are_still_written(
     write_each: WriteEach, pipes: list[tuple[int, int]]
 ) -> None:
-    (r0, w0), (r1, w1), (r2, w2) = pipes
+    (_, w0), (r1, w1), (r2, w2) = pipes
     _fill(w0)
     assert write_each(FRAME, [w0, w1, w2]) == [(0, 0)]
     assert os.read(r1, 4096) == FRAME
