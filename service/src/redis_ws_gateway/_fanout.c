@@ -17,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 PyDoc_STRVAR(write_each_doc,
@@ -50,7 +51,10 @@ write_each(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_Format(PyExc_ValueError, "fds[%zd] is not a file descriptor", i);
             goto error;
         }
-        ssize_t done = write((int)fd, data, (size_t)size);
+        ssize_t done = send((int)fd, data, (size_t)size, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (done < 0 && errno == ENOTSOCK) {
+            done = write((int)fd, data, (size_t)size);
+        }
         if (done == size) {
             continue;
         }

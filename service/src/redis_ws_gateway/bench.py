@@ -2557,8 +2557,14 @@ def machine_info() -> dict[str, Any]:
 
     import aiohttp
 
+    from . import fanout
+
     uv = version("uvloop")
     return {
+        # The gateway and the floor this bench starts import the same package,
+        # so they run the loop this process finds (a --url gateway says which
+        # in its /metrics, redis_ws_gateway_fanout_native).
+        "fanout_loop": "c" if fanout.NATIVE else "python",
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -2747,7 +2753,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`, {report['started_at']} - {report['finished_at']}",
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, Python {m['python']},"
-        f" aiohttp {m['aiohttp']}, uvloop {m['uvloop']}; load average at start"
+        f" aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, fan-out loop {m.get('fanout_loop', '?')};"
+        " load average at start"
         f" {' '.join(m['loadavg_at_start'])}. RLIMIT_NOFILE: {report['nofile'].get('bench')}.",
         "",
     ]

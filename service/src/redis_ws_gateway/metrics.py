@@ -21,6 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from . import fanout
+
 if TYPE_CHECKING:
     from .app import Gateway
 
@@ -115,6 +117,11 @@ class _StateCollector(Collector):
         up.add_metric(["pattern"], len(gw.hub.patterns))
         up.add_metric(["stream"], len(gw.hub.streams))
         yield up
+        yield GaugeMetricFamily(
+            f"{PREFIX}_fanout_native",
+            "1 when direct writes run the C fan-out loop, 0 for its Python twin",
+            0 if gw.hub.write_each is fanout.write_each_py else 1,
+        )
         yield CounterMetricFamily(
             f"{PREFIX}_upstream_messages",
             "Messages and stream entries read from Redis",
