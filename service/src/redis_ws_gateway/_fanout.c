@@ -3,16 +3,18 @@
  * The hub decides in Python which sessions may be written directly (see
  * Hub.on_message and docs/ARCHITECTURE.md, "The data path"); this writes
  * the frame to each of their descriptors and reports the ones the kernel
- * did not take whole. In W4's shape (each delivery its own write) the same
- * loop in Python costs ~1 us more per delivery than this one
- * (docs/BENCHMARKS.md, session 4), mostly os.write's own work around the
- * syscall: argument conversion, releasing and taking the GIL, a result
- * object. The sockets are non-blocking, so the GIL is held throughout: no
- * other thread can run between the hub's checks and these writes.
+ * did not take whole. In W4's shape the gateway with this loop cost 2-6%
+ * less per delivery than with the same loop in Python, and a forwarder that
+ * does nothing else 0.1-1.5 us less (docs/BENCHMARKS.md, session 4): what
+ * os.write adds per call is argument conversion, a result object, the
+ * exception machinery and releasing and re-taking the GIL. The sockets are
+ * non-blocking, so the GIL is held throughout: no other thread can run
+ * between the hub's checks and these writes.
  *
- * write(2), not send(2), so that it behaves exactly like os.write on any
- * descriptor (the unit tests use pipes too). SIGPIPE is ignored by the
- * interpreter, so a dead peer is an EPIPE here, not a signal.
+ * send(2) skips the VFS layer that write(2) goes through; a descriptor that
+ * is not a socket (the unit tests use pipes) gets write(2), so results match
+ * os.write on any descriptor. MSG_NOSIGNAL: a dead peer is an EPIPE, never
+ * a signal.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from . import fanout, protocol
+from . import protocol
 from .auth import Authenticator, Principal, build_acl
 from .config import Settings, SnapshotRule
 from .connection import Detached, Wheel, WsConnection, detach
@@ -903,7 +903,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         redis=gateway.upstream.address.describe(),
         # Which fan-out loop runs: "c", or "python" when the _fanout
         # extension was not built or NATIVE_WRITES is off.
-        fanout="c" if gateway.hub.write_each is not fanout.write_each_py else "python",
+        fanout="c" if gateway.hub.fanout_native else "python",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

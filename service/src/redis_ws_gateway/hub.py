@@ -400,6 +400,11 @@ class Hub:
         # each direct session at once: there is nothing to join it with.
         self._repeated = repeated
 
+    @property
+    def fanout_native(self) -> bool:
+        """Whether direct writes run the C loop (for the log and /metrics)."""
+        return self.write_each is not fanout.write_each_py
+
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1
         self.last_message_at = time.monotonic()

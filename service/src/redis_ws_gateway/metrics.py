@@ -21,8 +21,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import fanout
-
 if TYPE_CHECKING:
     from .app import Gateway
 
@@ -120,7 +118,7 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_fanout_native",
             "1 when direct writes run the C fan-out loop, 0 for its Python twin",
-            0 if gw.hub.write_each is fanout.write_each_py else 1,
+            int(gw.hub.fanout_native),
         )
         yield CounterMetricFamily(
             f"{PREFIX}_upstream_messages",
