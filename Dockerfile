@@ -13,8 +13,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# The package's one C extension (the fan-out write loop, service/setup.py)
-# needs a compiler; the builder has it, the final image does not. Every
+# The package's C extensions (the fan-out write loop and the bench's receive
+# loop, service/setup.py) need a compiler; the builder has it, the final image does not. Every
 # dependency ships manylinux wheels.
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends gcc libc6-dev \
@@ -33,7 +33,7 @@ COPY service/ /build/service/
 # source tree. pip byte-compiles here because the runtime filesystem is
 # read-only.
 RUN pip install --no-deps /build/service \
-    && python -c "import redis_ws_gateway.cli; from redis_ws_gateway import _fanout"
+    && python -c "import redis_ws_gateway.cli; from redis_ws_gateway import _fanout, _recvloop"
 
 
 FROM ${PYTHON_IMAGE}

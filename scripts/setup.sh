@@ -39,7 +39,7 @@ fi
 PY=${PYTHON:-python3}
 # The editable install builds the C extension into the source tree, so its
 # source and setup.py are part of what a change must reinstall.
-stamp=.venv/.installed-$(cat service/pyproject.toml service/setup.py service/src/redis_ws_gateway/_fanout.c | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(cat service/pyproject.toml service/setup.py service/src/redis_ws_gateway/*.c | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   log "creating .venv and installing the package with its dev tools"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -20,11 +20,32 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "redis_ws_gateway"]
 
 
+def _receivers() -> list[str]:
+    try:
+        from redis_ws_gateway import _recvloop  # noqa: F401
+    except ImportError:
+        return ["python"]
+    return ["c", "python"]
+
+
 @pytest.mark.timeout(60)
-def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("receiver", _receivers())
+def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path, receiver: str) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [*_command(), "bench", "--workload", "W1", "--quick", "--retries", "0", "--out", str(out)],
+        [
+            *_command(),
+            "bench",
+            "--workload",
+            "W1",
+            "--quick",
+            "--retries",
+            "0",
+            "--out",
+            str(out),
+            "--receiver",
+            receiver,
+        ],
         capture_output=True,
         text=True,
         timeout=50,
@@ -35,6 +56,8 @@ def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path) -> None:
 
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").read_text().startswith("# Bench report")
+    assert report["machine"]["receiver"] == receiver
+    assert f"receive loop {receiver}" in (out / "report.md").read_text()
     by_target = {r["target"]: r for r in report["results"] if r["workload"] == "W1"}
     assert sorted(by_target) == ["floor", "gateway"]
     w1 = by_target["gateway"]

@@ -15,7 +15,10 @@ kernel-floor writer runs on CPU 0 too: it stands for the gateway's writes.
 The receivers must be far cheaper per frame than the gateway they measure, so
 they are bare asyncio Protocols: they scan WebSocket frame headers and slice
 the publisher's fixed-width timestamp out of each frame with ``bytes.find``;
-JSON is decoded only for control frames.
+JSON is decoded only for control frames. Once subscribed, their sockets are
+handed to the C receive loop (``_recvloop``, see NativeReceive) when the
+package was built with it: the same scan without an event-loop callback and a
+bytes object per read.
 """
 
 from __future__ import annotations
@@ -42,8 +45,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar, Final, cast
 from urllib.parse import urlparse
+
+recvloop: ModuleType | None
+try:
+    from . import _recvloop as recvloop
+except ImportError:  # built without a C compiler: the asyncio receivers do it all
+    recvloop = None
 
 monotonic_ns = time.monotonic_ns
 
@@ -217,6 +227,7 @@ class Receiver(asyncio.Protocol):
         "frames",
         "group",
         "key",
+        "native",
         "ready",
         "replay_disorder",
         "replay_frames",
@@ -224,6 +235,7 @@ class Receiver(asyncio.Protocol):
         "reply",
         "request",
         "skip",
+        "slot",
         "state",
         "sub_done_ns",
         "sub_sent_ns",
@@ -272,6 +284,9 @@ class Receiver(asyncio.Protocol):
         self.close_code: int | None = None
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Set while the C receive loop reads this socket (NativeReceive).
+        self.native: NativeReceive | None = None
+        self.slot = -1
 
     # --- asyncio callbacks ---------------------------------------------------
 
@@ -280,6 +295,8 @@ class Receiver(asyncio.Protocol):
         self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == CLOSED:
+            return  # the C receive loop saw the close first and counted it
         self.state = CLOSED
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"closed during set-up: {exc}"))
@@ -438,11 +455,90 @@ class Receiver(asyncio.Protocol):
     def _notice(self, kind: str) -> None:
         self.group.notices[kind] = self.group.notices.get(kind, 0) + 1
 
+    def closed_natively(self, err: int) -> None:
+        """The C receive loop read the end of this socket (err 0) or an error."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        code = "none" if self.close_code is None else str(self.close_code)
+        self.group.close_codes[code] = self.group.close_codes.get(code, 0) + 1
+
+    def reading(self, on: bool) -> None:
+        """Stop or resume reading, whoever reads the socket."""
+        if self.native is not None:
+            self.native.loop.reading(self.slot, on)
+        elif self.transport is not None and not self.transport.is_closing():
+            if on:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
     def _fail(self, error: str) -> None:
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(error))
         if self.transport is not None:
             self.transport.abort()
+
+
+class NativeReceive:
+    """The C receive loop (``_recvloop``) reading subscribed receivers'
+    sockets in a thread of its own, with the GIL released.
+
+    Python keeps the Receiver objects: ``sync`` moves the loop's frame counts
+    and latency histograms into them and their groups (the rest of the bench
+    reads only those), and frames the loop does not time (pings, close
+    frames, errors) reach Receiver._control on the event loop, as they would
+    from data_received. The hand-over is one way: ``stop`` is followed by
+    closing the receivers (the loop keeps a partial frame it read)."""
+
+    def __init__(self, receivers: Sequence[Receiver]) -> None:
+        assert recvloop is not None
+        self.aloop = asyncio.get_running_loop()
+        self.receivers = [r for r in receivers if r.state == LIVE and r.transport is not None]
+        self.groups: list[Group] = []
+        for r in self.receivers:
+            if r.group not in self.groups:
+                self.groups.append(r.group)
+        self.loop = recvloop.Loop(max(1, len(self.groups)), OFFSET, NEEDLE, TS_DIGITS, self._event)
+        for r in self.receivers:
+            assert r.transport is not None
+            # The event loop stops reading first: from here on only the C
+            # loop reads, and Python's unread remainder goes with the socket.
+            r.transport.pause_reading()
+            fd = r.transport.get_extra_info("socket").fileno()
+            r.slot = self.loop.add(fd, self.groups.index(r.group), r.skip, r.group.paced, r.buf)
+            r.buf = b""
+            r.native = self
+        self.thread = threading.Thread(target=self.loop.run, name="recvloop", daemon=True)
+        self.thread.start()
+
+    def _event(self, slot: int, kind: int, value: int, payload: bytes) -> None:
+        # On the loop's thread, with the GIL: hand over to the event loop.
+        r = self.receivers[slot]
+        if kind == 1:
+            self.aloop.call_soon_threadsafe(r.closed_natively, value)
+        else:
+            self.aloop.call_soon_threadsafe(r._control, value, payload)
+
+    def sync(self) -> None:
+        frames, hists = self.loop.take()
+        for r, n in zip(self.receivers, frames, strict=True):
+            r.frames += n
+        for g, pairs in zip(self.groups, hists, strict=False):
+            counts = g.counts
+            for idx, n in pairs:
+                counts[idx] += n
+
+    def pacing(self, group: Group, on: bool) -> None:
+        if group in self.groups:
+            self.loop.pacing(self.groups.index(group), on)
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.thread.join()
+        self.sync()
+        for r in self.receivers:
+            r.native = None
 
 
 @dataclass(frozen=True)
@@ -1332,6 +1428,7 @@ class Options:
     sources: int
     seed: int
     retries: int
+    receiver: str = "c"
 
 
 class Bench:
@@ -1343,6 +1440,12 @@ class Bench:
         self.rng = random.Random(opts.seed)
         self.notes: list[str] = []
         self.nofile: dict[str, Any] = {}
+        # The C receive loop of the current fan-out attempt, if it runs one.
+        self.native: NativeReceive | None = None
+
+    def sync(self) -> None:
+        if self.native is not None:
+            self.native.sync()
 
     # --- orchestration ----------------------------------------------------------
 
@@ -1413,6 +1516,8 @@ class Bench:
     ) -> dict[str, Any]:
         """One measured run: publish at ``rate`` for ``duration``, wait until
         the receivers have everything (or stop progressing), compare."""
+        # Counts the C loop took before this step are not this step's.
+        self.sync()
         for g in groups:
             g.reset()
         base = [r.frames for r in receivers]
@@ -1433,6 +1538,7 @@ class Bench:
         try:
             while not run.done():
                 await asyncio.wait({run}, timeout=1.0)
+                self.sync()
                 recv = sum(r.frames for r in receivers) - sum(base)
                 elapsed = time.monotonic() - before.wall
                 log(
@@ -1454,6 +1560,7 @@ class Bench:
         last_total = -1
         last_change = time.monotonic()
         while time.monotonic() < deadline:
+            self.sync()
             got = sum(r.frames for r in receivers) - sum(base)
             if got >= total_expected:
                 break
@@ -1463,6 +1570,7 @@ class Bench:
                 break
             await asyncio.sleep(0.05)
         after = snap(target, self.redis_child)
+        self.sync()
         if extra is not None:
             with contextlib.suppress(Exception):
                 await extra
@@ -1679,6 +1787,8 @@ class Bench:
             receivers = await self.connect(target, plan, f"{name}/{kind}")
             await self.wait_numsub(channels)
             rss1 = target.status_kb("VmRSS")
+            if self.o.receiver == "c":
+                self.native = NativeReceive(receivers)
             slow = [r for r in receivers if r.group is slow_group]
             # Warm-up, not measured: first-message allocations and caches.
             await self.step(
@@ -1703,6 +1813,9 @@ class Bench:
                     res["profile"] = prof
             return res
         finally:
+            if self.native is not None:
+                self.native.stop()
+                self.native = None
             close_all(receivers)
             await asyncio.sleep(0.3)
             stop_target(target)
@@ -2255,7 +2368,7 @@ class Bench:
             "command": " ".join(["redis-ws-gateway", "bench", *sys.argv[2:]])
             if len(sys.argv) > 1 and sys.argv[1] == "bench"
             else " ".join(sys.argv),
-            "machine": machine_info(),
+            "machine": machine_info() | {"receiver": self.o.receiver},
             "gateway_source": SOURCE_DIR,
             "options": {
                 "workloads": self.o.workloads,
@@ -2422,33 +2535,26 @@ async def _slow_readers(
     of a few milliseconds on the receivers' CPU every period: about 1% of the
     time, which is exactly what a p99 of the fast clients picks up.)"""
     if not read:
-        for r in receivers:
-            r.group.pacing = True
+        _set_pacing(receivers, True)
         slices = max(1, min(len(receivers), round(pause / 0.01)))
         try:
             while not stop.is_set():
                 for k in range(slices):
                     for r in receivers[k::slices]:
-                        if r.transport is not None and not r.transport.is_closing():
-                            r.transport.resume_reading()
+                        r.reading(True)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), pause / slices)
                     if stop.is_set():
                         break
         finally:
+            _set_pacing(receivers, False)
             for r in receivers:
-                r.group.pacing = False
-                if r.transport is not None and not r.transport.is_closing():
-                    r.transport.resume_reading()
+                r.reading(True)
         return
 
     def set_reading(on: bool) -> None:
         for r in receivers:
-            if r.transport is not None and not r.transport.is_closing():
-                if on:
-                    r.transport.resume_reading()
-                else:
-                    r.transport.pause_reading()
+            r.reading(on)
 
     try:
         while not stop.is_set():
@@ -2463,6 +2569,17 @@ async def _slow_readers(
     finally:
         # Read what is left so the drain can count it.
         set_reading(True)
+
+
+def _set_pacing(receivers: Sequence[Receiver], on: bool) -> None:
+    natives: list[NativeReceive] = []
+    for r in receivers:
+        r.group.pacing = on
+        if r.native is not None and r.native not in natives:
+            natives.append(r.native)
+    for n in natives:
+        for g in {id(r.group): r.group for r in receivers}.values():
+            n.pacing(g, on)
 
 
 # --- reporting -----------------------------------------------------------------------
@@ -2753,7 +2870,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`, {report['started_at']} - {report['finished_at']}",
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, Python {m['python']},"
-        f" aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, fan-out loop {m.get('fanout_loop', '?')};"
+        f" aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, fan-out loop {m.get('fanout_loop', '?')},"
+        f" receive loop {m.get('receiver', 'python')};"
         " load average at start"
         f" {' '.join(m['loadavg_at_start'])}. RLIMIT_NOFILE: {report['nofile'].get('bench')}.",
         "",
@@ -3067,6 +3185,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", type=int, default=4, help="127.0.0.x source addresses to use")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
+        "--receiver",
+        choices=("c", "python"),
+        default="c" if recvloop is not None else "python",
+        help="what reads the subscribed receivers' sockets: the C loop (_recvloop) or"
+        " the asyncio Protocols (default: %(default)s)",
+    )
+    p.add_argument(
         "--retries",
         type=int,
         default=1,
@@ -3101,7 +3226,14 @@ def _options(args: argparse.Namespace) -> Options:
         sources=max(1, int(args.sources)),
         seed=int(args.seed),
         retries=max(0, int(args.retries)),
+        receiver=_receiver(str(args.receiver)),
     )
+
+
+def _receiver(kind: str) -> str:
+    if kind == "c" and recvloop is None:
+        raise ValueError("--receiver c: the package was built without its C extensions")
+    return kind
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
