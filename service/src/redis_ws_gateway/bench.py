@@ -705,6 +705,13 @@ def proc_stat_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_stat_sys(pid: int) -> float:
+    """stime alone (clock ticks: coarse, fine over a whole step)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    return int(raw[raw.rindex(b")") + 2 :].split()[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu(pid: int) -> float:
     """CPU seconds with ns resolution (sum of schedstat over threads) where the
     kernel has schedstat; a tick (10 ms) is too coarse for short windows."""
@@ -925,6 +932,9 @@ class Target:
 
     def cpu(self) -> float | None:
         return proc_cpu(self.pid) if self.pid else None
+
+    def sys_cpu(self) -> float | None:
+        return proc_stat_sys(self.pid) if self.pid else None
 
     def status_kb(self, key: str) -> int | None:
         return proc_status_kb(self.pid, key) if self.pid else None
@@ -1391,16 +1401,21 @@ class Holder:
 class Snap:
     wall: float
     me: float
+    me_sys: float
     target: float | None
+    target_sys: float | None
     redis: float | None
     cpus: list[list[int]]
 
 
 def snap(target: Target, redis_child: Child | None) -> Snap:
+    mine = resource.getrusage(resource.RUSAGE_SELF)
     return Snap(
         time.monotonic(),
-        self_cpu(),
+        mine.ru_utime + mine.ru_stime,
+        mine.ru_stime,
         target.cpu(),
+        target.sys_cpu(),
         redis_child.cpu() if redis_child is not None else None,
         cpu_times(),
     )
@@ -1647,6 +1662,8 @@ class Bench:
             "target": {
                 "cpu_s": None if t_cpu is None else round(t_cpu, 4),
                 "cpu_us_per_delivery": _per(before.target, after.target, received),
+                # In the kernel: the writes, and what they wake.
+                "sys_us_per_delivery": _per(before.target_sys, after.target_sys, received),
                 "cpu_util": None if t_cpu is None else round(t_cpu / wall, 3),
                 "rss_kb": target.status_kb("VmRSS"),
                 "hwm_kb": target.status_kb("VmHWM"),
@@ -1658,6 +1675,9 @@ class Bench:
             "generator": {
                 "cpu_s": round(me, 4),
                 "cpu_us_per_frame": _per(before.me, after.me, received),
+                # The kernel's part (recv, and the ACK each read sends) apart
+                # from this code's: the part a faster receiver could not save.
+                "sys_us_per_frame": _per(before.me_sys, after.me_sys, received),
                 "cpu_util": round(me / wall, 3),
             },
             "cpus": cpus,
@@ -2323,6 +2343,7 @@ class Bench:
                 "nchannels": 20 if q else 200,
                 "per_client": 5,
                 "steps": [(200, 2.0)] if q else [(2000, 15.0)],
+                "profile_rate": (200 if q else 2000) if self.o.profile else None,
             },
             # Slow readers: one socket read (at most ~4 KB, their receive
             # buffer) every 0.5 s, about 8 KB/s against the 27 KB/s W1 sends
@@ -2756,6 +2777,18 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
             if value and us is not None:
                 against(f"W1 CPU/delivery vs tight-loop floor, {label}", us, value, None)
         add("W1 loss", "0", str(w1[0]["lost"]), w1[0]["lost"] == 0)
+        gen = w1[0]["generator"]
+        g_us, g_sys = gen["cpu_us_per_frame"], gen.get("sys_us_per_frame")
+        if g_us is not None:
+            # W1 is the generator's hardest case: every frame is its own read.
+            split = "" if g_sys is None else f" ({g_us - g_sys:.2f} user, {g_sys:.2f} kernel)"
+            receiver = report.get("machine", {}).get("receiver", "python")
+            add(
+                f"Generator CPU/frame in W1 ({receiver} receive loop)",
+                "<= ~3 us",
+                f"{g_us:.2f} us{split}",
+                g_us <= 3.0,
+            )
     for rate, p99_goal, us_goal in ((5000, 5.0, 1.5), (10000, None, 1.0)):
         s = _step_at(report, "W2", "gateway", rate)
         if s is None:
@@ -2852,6 +2885,11 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def _with_sys(us: float | None, sys_us: float | None) -> str:
+    """CPU per frame and, where known, the kernel's part of it."""
+    return _fmt(us) + ("" if sys_us is None else f" ({_fmt(sys_us)} sys)")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "-"
@@ -2936,12 +2974,12 @@ def markdown(report: dict[str, Any]) -> str:
                         g["received"],
                         g["lost"],
                         *_latency_cells(lat),
-                        _fmt(tgt["cpu_us_per_delivery"]),
+                        _with_sys(tgt["cpu_us_per_delivery"], tgt.get("sys_us_per_delivery")),
                         _ratio(tgt["cpu_us_per_delivery"], _shaped_floor(report, r["workload"])),
                         _fmt(tgt["cpu_util"]),
                         _fmt(rss / 1024 if rss else None, 1),
                         _fmt(s["redis"]["cpu_us_per_msg"]),
-                        _fmt(gen["cpu_us_per_frame"]),
+                        _with_sys(gen["cpu_us_per_frame"], gen.get("sys_us_per_frame")),
                         _fmt(gen["cpu_util"]),
                         " ".join(s["flags"]),
                     )
@@ -3178,7 +3216,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", default="artifacts/bench", help="report directory (default: %(default)s)"
     )
     p.add_argument(
-        "--profile", action="store_true", help="py-spy the gateway during W2 at 10k msg/s"
+        "--profile", action="store_true", help="py-spy the gateway during W2 at 10k msg/s and W4"
     )
     p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the kernel floor")
     p.add_argument("--concurrency", type=int, default=200, help="connections opened at once")
