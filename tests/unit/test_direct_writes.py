@@ -379,3 +379,34 @@ async def test_lagging_held_and_closing_sessions_are_never_direct(pair: Any) -> 
     assert not third.direct
     without_fd, _ = _session(hub, topic, -1)
     assert not without_fd.direct
+
+
+async def test_clients_that_keep_up_are_written_before_lagging_ones_are_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lagging client's backlog work must not delay the others: its
+    deliver() runs after the message's direct writes, whatever the
+    subscription order."""
+    hub, topic = _hub()
+    socks = [socket.socketpair() for _ in range(2)]
+    try:
+        lagging, _ = _session(hub, topic, socks[0][0].fileno())
+        lagging.start_lagging()
+        fast, _ = _session(hub, topic, socks[1][0].fileno())
+        assert fast.direct and next(iter(topic.sessions)) is lagging
+        calls = _record_writes(monkeypatch, hub)
+        seen_at_deliver: list[int] = []
+        real_deliver = Session.deliver
+
+        def deliver(self: Session, *args: Any) -> None:
+            seen_at_deliver.append(len(calls))
+            real_deliver(self, *args)
+
+        monkeypatch.setattr(Session, "deliver", deliver)
+        _route(hub, b'{"k":1}')
+        assert seen_at_deliver == [1]  # the fast client's write came first
+        assert calls[0][0] == fast.fd
+    finally:
+        for a, b in socks:
+            a.close()
+            b.close()

@@ -434,13 +434,14 @@ class Hub:
             # in this read (its batch) gets this one behind it, never before.
             # The checks stay here, the writes go to write_each after the
             # loop: one call for every direct recipient. Nothing between a
-            # check and its write can close a socket: deliver() acts on its
-            # own (lagging, so not direct) session, and no other callback
-            # runs before this method returns.
+            # check and its write can close a socket: the lagging sessions'
+            # deliver() runs after the writes, and no other callback runs
+            # before this method returns.
             lone = channel not in self._repeated
             size = len(frame)
             fds: list[int] = []
             direct: list[Session] = []
+            lagging: list[Session] = []
             for session in topic.sessions:
                 if (
                     lone
@@ -454,7 +455,7 @@ class Hub:
                     direct.append(session)
                     continue
                 if session.lagging:
-                    session.deliver(frame, key, policy)
+                    lagging.append(session)
                     continue
                 batch = session.batch
                 if not batch:
@@ -465,6 +466,10 @@ class Hub:
                 if failed is not None:
                     for i, done in failed:
                         direct[i].direct_failed(frame, done)
+            # After the writes: a lagging client's backlog work (conflation,
+            # limits) must not delay the clients that keep up.
+            for session in lagging:
+                session.deliver(frame, key, policy)
         else:
             name = channel.decode("utf-8", "surrogateescape")
             for session in topic.sessions:
