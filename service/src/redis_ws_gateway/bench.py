@@ -3194,7 +3194,10 @@ def durable_markdown(report: dict[str, Any]) -> list[str]:
 
 # --- CLI -------------------------------------------------------------------------------
 
-WORKLOADS: Final = ("W1", "W2", "W3", "W4", "W5", "W5B", "D1", "D2", "D3")
+# The order of --workload all. W5 and W5B right after W1: their fast
+# clients' p99 is held against W1's, and on this shared machine the minutes
+# between two steps move p99 by more than the 20% the target allows.
+WORKLOADS: Final = ("W1", "W5", "W5B", "W2", "W3", "W4", "D1", "D2", "D3")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
