@@ -12,9 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
+# Not importorskip: make setup builds the extension, and a checkout where it
+# is missing must fail here (the bench would quietly fall back to its asyncio
+# receivers, which its report names).
+from redis_ws_gateway import _recvloop as recvloop
 from redis_ws_gateway import bench
-
-recvloop = pytest.importorskip("redis_ws_gateway._recvloop")
 
 OFFSET = bench.OFFSET
 
