@@ -697,19 +697,18 @@ async def spawn_helper(
     )
 
 
-def proc_stat_cpu(pid: int) -> float:
-    """utime + stime of the whole process, /proc/<pid>/stat (clock ticks)."""
+def proc_stat_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the whole process from /proc/<pid>/stat, in seconds
+    (clock ticks: coarse, fine over a whole step)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     fields = raw[raw.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def proc_stat_sys(pid: int) -> float:
-    """stime alone (clock ticks: coarse, fine over a whole step)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        raw = f.read()
-    return int(raw[raw.rindex(b")") + 2 :].split()[12]) / os.sysconf("SC_CLK_TCK")
+def proc_stat_cpu(pid: int) -> float:
+    return sum(proc_stat_times(pid))
 
 
 def proc_cpu(pid: int) -> float:
@@ -747,11 +746,6 @@ def proc_nofile(pid: int) -> str | None:
     except FileNotFoundError:
         return None
     return None
-
-
-def self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 CPU_FIELDS: Final = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -934,7 +928,7 @@ class Target:
         return proc_cpu(self.pid) if self.pid else None
 
     def sys_cpu(self) -> float | None:
-        return proc_stat_sys(self.pid) if self.pid else None
+        return proc_stat_times(self.pid)[1] if self.pid else None
 
     def status_kb(self, key: str) -> int | None:
         return proc_status_kb(self.pid, key) if self.pid else None
@@ -2593,13 +2587,13 @@ async def _slow_readers(
 
 
 def _set_pacing(receivers: Sequence[Receiver], on: bool) -> None:
-    natives: list[NativeReceive] = []
-    for r in receivers:
-        r.group.pacing = on
-        if r.native is not None and r.native not in natives:
-            natives.append(r.native)
-    for n in natives:
-        for g in {id(r.group): r.group for r in receivers}.values():
+    """Paced readers read once per resume (see _slow_readers): the asyncio
+    ones check their group's flag, the C loop is told per group."""
+    groups = {id(r.group): r.group for r in receivers}.values()
+    natives = {id(r.native): r.native for r in receivers if r.native is not None}.values()
+    for g in groups:
+        g.pacing = on
+        for n in natives:
             n.pacing(g, on)
 
 
