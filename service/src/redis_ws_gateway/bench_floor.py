@@ -55,6 +55,19 @@ class _Channel:
     fds: list[int] = field(default_factory=list)
     buffered: list[_Conn] = field(default_factory=list)
 
+    def add_raw(self, conn: _Conn) -> None:
+        self.raw.append(conn)
+        self.fds.append(conn.fd)
+
+    def remove_raw(self, conn: _Conn) -> bool:
+        """Take ``conn`` out of ``raw`` and its descriptor out of ``fds``."""
+        if conn not in self.raw:
+            return False
+        i = self.raw.index(conn)
+        del self.raw[i]
+        del self.fds[i]
+        return True
+
 
 class Floor:
     def __init__(self, redis_url: str) -> None:
@@ -96,9 +109,7 @@ class Floor:
         self.fallbacks += 1
         conn.buffered = True
         conn.transport.write(rest)
-        i = ch.raw.index(conn)
-        del ch.raw[i]
-        del ch.fds[i]
+        ch.remove_raw(conn)
         ch.buffered.append(conn)
 
     # --- the rest of UpstreamListener -----------------------------------------------
@@ -174,16 +185,11 @@ class Floor:
                     if conn.buffered:
                         c.buffered.append(conn)
                     else:
-                        c.raw.append(conn)
-                        c.fds.append(conn.fd)
+                        c.add_raw(conn)
                     mine.append(c)
         finally:
             for c in mine:
-                if conn in c.raw:
-                    i = c.raw.index(conn)
-                    del c.raw[i]
-                    del c.fds[i]
-                if conn in c.buffered:
+                if not c.remove_raw(conn) and conn in c.buffered:
                     c.buffered.remove(conn)
         return ws
 
