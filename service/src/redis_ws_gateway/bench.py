@@ -300,8 +300,7 @@ class Receiver(asyncio.Protocol):
         self.state = CLOSED
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"closed during set-up: {exc}"))
-        code = "none" if self.close_code is None else str(self.close_code)
-        self.group.close_codes[code] = self.group.close_codes.get(code, 0) + 1
+        self._count_close()
 
     def data_received(self, data: bytes) -> None:
         if self.state != LIVE:
@@ -460,6 +459,9 @@ class Receiver(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.state = CLOSED
+        self._count_close()
+
+    def _count_close(self) -> None:
         code = "none" if self.close_code is None else str(self.close_code)
         self.group.close_codes[code] = self.group.close_codes.get(code, 0) + 1
 
