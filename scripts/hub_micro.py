@@ -19,11 +19,11 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service" / "src"))
 
 from redis_ws_gateway.hub import Hub, Topic
+from redis_ws_gateway.session import Session
 
 
 class _Transport:
@@ -32,26 +32,35 @@ class _Transport:
     def is_closing(self) -> bool:
         return False
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class _Principal:
+    def may_read(self, name: str) -> bool:
+        return True
+
 
 # Direct writes go to /dev/null: the cheapest write syscall there is, so what
 # is timed is the Python around it plus a syscall that does no work.
 _DEVNULL = os.open(os.devnull, os.O_WRONLY)
 
 
-class _Session:
-    __slots__ = (
-        "batch", "bytes_sent", "closing", "direct", "fd", "frames_sent", "lagging", "transport",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self.lagging = False
-        self.closing = False
-        self.direct = True
-        self.fd = _DEVNULL
-        self.batch: list[bytes] = []
-        self.frames_sent = 0
-        self.bytes_sent = 0
-        self.transport = _Transport()
+def _session(hub: Hub) -> Session:
+    session = Session(
+        "micro",
+        _Transport(),  # type: ignore[arg-type]
+        _Principal(),  # type: ignore[arg-type]
+        "127.0.0.1",
+        buffer_limit=1 << 20,
+        high_water=1 << 16,
+        on_dirty=hub.mark_dirty,
+        on_lagging=hub.mark_lagging,
+        close=lambda s, code, reason: None,
+        fd=os.dup(_DEVNULL),
+    )
+    session.check_direct()
+    return session
 
 
 def _run(hub: Hub, channels: list[bytes], messages: int, payload: bytes) -> float:
@@ -77,9 +86,9 @@ async def main() -> None:
     hub = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
     one = Topic("channel", "market:tick:X")
     hub.channels[b"market:tick:X"] = one
-    sessions: list[Any] = [_Session() for _ in range(1000)]
+    sessions = [_session(hub) for _ in range(1000)]
     for s in sessions:
-        one.sessions[s] = None
+        hub.attach(s, one)
     n = 3000
     dt = _run(hub, [b"market:tick:X"], n, payload)
     print(f"W1 shape: {dt / n / 1000 * 1e6:.3f} us per recipient, 1,000 recipients per message")
@@ -89,9 +98,10 @@ async def main() -> None:
     names = [f"market:tick:{i}".encode() for i in range(200)]
     for raw in names:
         hub.channels[raw] = Topic("channel", raw.decode())
+    sessions = [_session(hub) for _ in range(1000)]
     for s in sessions:
         for raw in rng.sample(names, 5):
-            hub.channels[raw].sessions[s] = None
+            hub.attach(s, hub.channels[raw])
     per_topic = sum(len(t.sessions) for t in hub.channels.values()) / len(names)
     n = 50_000
     dt = _run(hub, names, n, payload)

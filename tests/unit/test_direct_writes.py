@@ -134,9 +134,10 @@ def _session(hub: Hub, topic: Topic, fd: int) -> tuple[Session, _Transport]:
         on_dirty=hub.mark_dirty,
         on_lagging=hub.mark_lagging,
         close=lambda s, code, reason: None,
-        fd=fd,
+        # The session owns and closes its descriptor, a duplicate (app.py).
+        fd=os.dup(fd) if fd >= 0 else -1,
     )
-    topic.sessions[session] = None
+    hub.attach(session, topic)
     session.check_direct()
     return session, transport
 
@@ -181,12 +182,14 @@ def _record_writes(monkeypatch: pytest.MonkeyPatch, hub: Hub) -> list[tuple[int,
             calls.append((fd, bytes(data)))
         return real(fd, data)
 
-    def recording_each(frame: bytes, fds: list[int]) -> list[tuple[int, int]] | None:
+    def recording_each(
+        frame: bytes, fds: list[int], transports: list[Any] | None = None
+    ) -> list[tuple[int, int]] | None:
         nonlocal inside
         calls.extend((fd, frame) for fd in fds)
         inside = True
         try:
-            return each(frame, fds)
+            return each(frame, fds, transports)
         finally:
             inside = False
 
@@ -221,7 +224,7 @@ def test_a_lone_message_goes_straight_to_the_socket(pair: Any) -> None:
     got = _read(pair[1])
     assert _seqs(got) == [1] and b'"data":{"p":1}' in got
     assert transport.writes == []
-    assert session.frames_sent == 1 and session.bytes_sent == len(got)
+    assert session.sent() == (1, len(got))
 
 
 def test_messages_of_one_read_are_joined_into_one_direct_write(
@@ -231,9 +234,9 @@ def test_messages_of_one_read_are_joined_into_one_direct_write(
     session, transport = _session(hub, topic, pair[0].fileno())
     calls = _record_writes(monkeypatch, hub)
     _route(hub, b"1", b"2", b"3")
-    assert [fd for fd, _ in calls] == [pair[0].fileno()]
+    assert [fd for fd, _ in calls] == [session.fd]
     assert _seqs(_read(pair[1])) == [1, 2, 3]
-    assert transport.writes == [] and session.frames_sent == 3
+    assert transport.writes == [] and session.sent()[0] == 3
 
 
 def test_a_notice_queued_earlier_in_the_read_is_not_overtaken(pair: Any) -> None:
@@ -253,7 +256,7 @@ def test_channels_once_in_a_read_go_direct_and_repeated_ones_are_joined(
     y = Topic("channel", "market:tick:Y")
     hub.channels[b"market:tick:Y"] = y
     session, transport = _session(hub, x, pair[0].fileno())
-    y.sessions[session] = None
+    hub.attach(session, y)
     calls = _record_writes(monkeypatch, hub)
     # X and Y once each (W4's reads): each frame written as it is routed.
     _route_on(hub, (CHANNEL, b"1"), (b"market:tick:Y", b"2"))
@@ -288,15 +291,29 @@ def _frames(stream: bytes) -> list[tuple[bytes, int]]:
 
 
 def test_no_direct_write_once_the_transport_is_closing(pair: Any) -> None:
-    # uvloop closes the descriptor once the transport is closing; its number
-    # may already belong to another connection.
+    # uvloop closes the descriptor on its own when a read fails and tells the
+    # protocol a loop iteration later; its number may already belong to
+    # another connection.
     hub, topic = _hub()
     session, transport = _session(hub, topic, pair[0].fileno())
+    assert topic.targets() == [session.fd]
     transport.closing = True
+    _route(hub, b"1")  # alone in its read: the topic's write_each
+    assert not session.direct and session in topic.indirect and topic.targets() == []
+    _route(hub, b"2", b"3")
+    session.send_control(b'{"type":"pong"}')
+    assert _read(pair[1]) == b""
+
+
+def test_no_frame_after_the_session_stopped_writing(pair: Any) -> None:
+    hub, topic = _hub()
+    session, _ = _session(hub, topic, pair[0].fileno())
+    session.stop_writing()
     _route(hub, b"1")
     _route(hub, b"2", b"3")
     session.send_control(b'{"type":"pong"}')
     assert _read(pair[1]) == b""
+    assert topic.targets() == [] and session in topic.indirect
 
 
 def test_what_the_kernel_refuses_goes_through_the_transport_in_order(
@@ -410,3 +427,53 @@ async def test_clients_that_keep_up_are_written_before_lagging_ones_are_served(
         for a, b in socks:
             a.close()
             b.close()
+
+
+async def test_sent_counts_each_frame_once_whichever_path_wrote_it(pipe: tuple[int, int]) -> None:
+    """A topic's write_each calls are counted once per message and settled
+    into each session as it leaves the topic's direct side (hub.Topic)."""
+    hub, x = _hub()
+    y = Topic("channel", "market:tick:Y")
+    hub.channels[b"market:tick:Y"] = y
+    r, w = pipe
+    session, transport = _session(hub, x, w)
+    hub.attach(session, y)
+    assert session in x.direct and session in y.direct
+    _route(hub, b"1")  # alone in its read: the topic's write_each
+    _route_on(hub, (CHANNEL, b"2"), (b"market:tick:Y", b"3"))
+    _route(hub, b"4", b"5")  # joined: the session's own write
+    stream = _drain(r)
+    assert _seqs(stream) == [1, 2, 1, 3, 4]
+    assert session.sent() == (5, len(stream))
+    # Too big for the pipe: the rest goes through the transport, and the
+    # session moves to each topic's other side until the transport is empty.
+    _route(hub, b'"' + b"x" * 10_000 + b'"')
+    assert not session.direct
+    assert session in x.indirect and session in y.indirect and not x.direct and not y.direct
+    assert x.targets() == [] and y.targets() == []
+    while transport.get_write_buffer_size():
+        transport.flush()
+        stream += _drain(r)
+    _route(hub, b"7")  # through the transport, which it finds empty: direct again
+    assert session.direct and x.targets() == [session.fd] and y.targets() == [session.fd]
+    _route(hub, b"8")
+    _route_on(hub, (b"market:tick:Y", b"9"))
+    stream += _drain(r)
+    assert _seqs(stream) == [1, 2, 1, 3, 4, 5, 6, 7, 2]
+    assert session.sent() == (9, len(stream))
+    assert hub.unsubscribe(session, None) == [CHANNEL.decode(), "market:tick:Y"]
+    assert (session.frames_sent, session.bytes_sent) == (9, len(stream)) == session.sent()
+    assert not x.sessions and not x.direct and not x.indirect and not y.direct
+
+
+async def test_a_closing_session_leaves_the_direct_side_of_every_topic(pair: Any) -> None:
+    hub, x = _hub()
+    y = Topic("channel", "market:tick:Y")
+    hub.channels[b"market:tick:Y"] = y
+    session, _ = _session(hub, x, pair[0].fileno())
+    hub.attach(session, y)
+    other, _ = _session(hub, x, pair[0].fileno())
+    assert x.targets() == [session.fd, other.fd] and y.targets() == [session.fd]
+    session.close(4008, "x")
+    assert x.targets() == [other.fd] and y.targets() == []
+    assert session in x.indirect and session in y.indirect

@@ -131,3 +131,47 @@ def test_native_writes_off_gives_the_hub_the_python_loop() -> None:
     on = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
     assert off.write_each is fanout.write_each_py
     assert on.write_each is fanout.write_each
+
+
+class _Transport:
+    def __init__(self, closing: bool) -> None:
+        self.closing = closing
+        self.asked = 0
+
+    def is_closing(self) -> bool:
+        self.asked += 1
+        return self.closing
+
+
+def test_a_closing_transport_s_descriptor_is_not_written(
+    write_each: WriteEach, pipes: list[tuple[int, int]]
+) -> None:
+    """uvloop may have closed the descriptor already, and its number may be
+    another connection's by now (session.py)."""
+    (r0, w0), (r1, w1), (r2, w2) = pipes
+    transports = [_Transport(False), _Transport(True), _Transport(False)]
+    assert write_each(FRAME, [w0, w1, w2], transports) == [(1, -1)]
+    assert [t.asked for t in transports] == [1, 1, 1]
+    assert os.read(r0, 4096) == FRAME and os.read(r2, 4096) == FRAME
+    with pytest.raises(BlockingIOError):
+        os.read(r1, 4096)
+    assert write_each(FRAME, [w0, w1], None) is None
+
+
+def test_transports_must_match_the_descriptors(write_each: WriteEach) -> None:
+    with pytest.raises(TypeError):
+        write_each(FRAME, [1, 2], [_Transport(False)])
+
+
+def test_an_exception_from_is_closing_is_raised(
+    write_each: WriteEach, pipes: list[tuple[int, int]]
+) -> None:
+    class Broken:
+        def is_closing(self) -> bool:
+            raise RuntimeError("boom")
+
+    (r0, w0), _, _ = pipes
+    with pytest.raises(RuntimeError, match="boom"):
+        write_each(FRAME, [w0], [Broken()])
+    with pytest.raises(BlockingIOError):
+        os.read(r0, 4096)

@@ -1,1 +1,5 @@
-def write_each(frame: bytes, fds: list[int], /) -> list[tuple[int, int]] | None: ...
+from typing import Any
+
+def write_each(
+    frame: bytes, fds: list[int], transports: list[Any] | None = None, /
+) -> list[tuple[int, int]] | None: ...

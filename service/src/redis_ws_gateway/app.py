@@ -374,15 +374,16 @@ class Gateway:
         code = conn.close_code if conn.close_code is not None else CLOSE_ABNORMAL
         m = self.metrics
         m.closed.labels(close_reason(code)).inc()
-        m.closed_frames += session.frames_sent
-        m.closed_bytes += session.bytes_sent
+        frames, size = session.sent()
+        m.closed_frames += frames
+        m.closed_bytes += size
         m.closed_dropped += session.dropped
         m.closed_conflated += session.conflated
         log.info(
             "connection_closed",
             conn=session.id,
             code=code,
-            frames_sent=session.frames_sent,
+            frames_sent=frames,
             dropped=session.dropped,
             conflated=session.conflated,
         )
@@ -672,6 +673,7 @@ class Gateway:
         return await self._http_principal(request, None, "the admin API needs the gateway API key")
 
     def _describe_session(self, session: Session) -> dict[str, Any]:
+        frames, size = session.sent()
         return {
             "id": session.id,
             "user": session.principal.user,
@@ -682,8 +684,8 @@ class Gateway:
             "subscriptions": [{kind: name} for kind, name in session.subscriptions],
             "bufferedBytes": session.buffered_bytes(),
             "lagging": session.lagging,
-            "framesSent": session.frames_sent,
-            "bytesSent": session.bytes_sent,
+            "framesSent": frames,
+            "bytesSent": size,
             "dropped": session.dropped,
             "conflated": session.conflated,
         }

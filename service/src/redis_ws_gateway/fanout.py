@@ -4,32 +4,45 @@
 it, else ``write_each_py``, the same loop in Python with the same results.
 Both write the whole frame to each descriptor with one ``write`` and report
 the descriptors that did not take it whole, so the hub can hand the rest to
-that session's transport (``Session.direct_failed``).
+that session's transport (``Session.direct_failed``). Given the sessions'
+transports too, they skip (and report) each one that is closing: its
+descriptor may already be closed and its number reused (session.py).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Final
-
-WriteEach = Callable[[bytes, list[int]], list[tuple[int, int]] | None]
+from typing import Any, Final, Protocol
 
 
-def write_each_py(frame: bytes, fds: list[int]) -> list[tuple[int, int]] | None:
+class WriteEach(Protocol):
+    def __call__(
+        self, frame: bytes, fds: list[int], transports: list[Any] | None = None, /
+    ) -> list[tuple[int, int]] | None: ...
+
+
+def write_each_py(
+    frame: bytes, fds: list[int], transports: list[Any] | None = None
+) -> list[tuple[int, int]] | None:
     """``_fanout.write_each`` in Python: None when every write took the whole
     frame, else (index, written) per other descriptor, with 0 for a full
-    socket and -1 for an error."""
+    socket and -1 for an error or (given ``transports``, one per descriptor)
+    a transport that is closing, whose descriptor is not written."""
+    if transports is not None and len(transports) != len(fds):
+        raise TypeError("as many transports as fds")
     failed: list[tuple[int, int]] | None = None
     size = len(frame)
     write = os.write
     for i, fd in enumerate(fds):
-        try:
-            done = write(fd, frame)
-        except (BlockingIOError, InterruptedError):
-            done = 0
-        except OSError:
+        if transports is not None and transports[i].is_closing():
             done = -1
+        else:
+            try:
+                done = write(fd, frame)
+            except (BlockingIOError, InterruptedError):
+                done = 0
+            except OSError:
+                done = -1
         if done != size:
             if failed is None:
                 failed = []

@@ -50,18 +50,25 @@ EVERY_CHANNEL: Container[bytes] = _EveryChannel()
 class Topic:
     __slots__ = (
         "cursor",
+        "direct",
         "durable",
         "epoch",
+        "fds",
+        "indirect",
         "kind",
         "lingering",
         "live",
+        "members",
         "name",
         "needs_notice",
         "prefix",
         "ready",
+        "sent_bytes",
+        "sent_frames",
         "seq",
         "sessions",
         "sharded",
+        "transports",
         "waiters",
     )
 
@@ -83,6 +90,71 @@ class Topic:
         self.sharded = False
         # The data-frame prefix of an exact channel never changes: encode once.
         self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
+        # The subscribers split by Session.direct: a message no subscriber
+        # needs held back goes to every direct one in a single write_each
+        # call over ``fds``, with no Python per recipient. ``direct`` maps
+        # each to (sent_frames, sent_bytes) when it joined: the frames and
+        # bytes of those calls are counted here, once per message, and
+        # settled into the session when it leaves (Session.sent()).
+        self.direct: dict[Session, tuple[int, int]] = {}
+        self.indirect: dict[Session, None] = {}
+        self.sent_frames = 0
+        self.sent_bytes = 0
+        # Built from ``direct`` when first needed after it changed.
+        self.fds: list[int] | None = None
+        self.members: list[Session] = []
+        self.transports: list[asyncio.Transport] = []
+
+    def join(self, session: Session) -> None:
+        self.sessions[session] = None
+        if session.direct:
+            self.direct[session] = (self.sent_frames, self.sent_bytes)
+            self.fds = None
+        else:
+            self.indirect[session] = None
+
+    def leave(self, session: Session) -> None:
+        if session in self.sessions:
+            del self.sessions[session]
+            self._settle(session, self.direct.pop(session, None))
+            self.indirect.pop(session, None)
+
+    def set_direct(self, session: Session, on: bool) -> None:
+        """``session.direct`` changed: move it to the other side."""
+        if session not in self.sessions:
+            return
+        if on:
+            self.indirect.pop(session, None)
+            if session not in self.direct:
+                self.direct[session] = (self.sent_frames, self.sent_bytes)
+                self.fds = None
+        else:
+            self._settle(session, self.direct.pop(session, None))
+            self.indirect[session] = None
+
+    def _settle(self, session: Session, base: tuple[int, int] | None) -> None:
+        if base is not None:
+            session.frames_sent += self.sent_frames - base[0]
+            session.bytes_sent += self.sent_bytes - base[1]
+            self.fds = None
+
+    def unsettled(self, session: Session) -> tuple[int, int]:
+        """Frames and bytes written to ``session`` by this topic's
+        write_each calls and not yet in its own counters."""
+        base = self.direct.get(session)
+        if base is None:
+            return 0, 0
+        return self.sent_frames - base[0], self.sent_bytes - base[1]
+
+    def targets(self) -> list[int]:
+        """The direct subscribers' descriptors (``members`` and their
+        ``transports`` in the same order)."""
+        fds = self.fds
+        if fds is None:
+            self.members = members = list(self.direct)
+            self.transports = [s.transport for s in members]
+            self.fds = fds = [s.fd for s in members]
+        return fds
 
     def describe(self, with_state: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {self.kind: self.name}
@@ -275,7 +347,7 @@ class Hub:
             session.deliver(frame, key, policy)
 
     def _attach(self, session: Session, topic: Topic) -> None:
-        topic.sessions[session] = None
+        topic.join(session)
         session.subscriptions[(topic.kind, topic.name)] = topic
         if topic.kind == "pattern":
             session.wildcards += 1
@@ -289,7 +361,7 @@ class Hub:
                 continue
             if topic.kind == "pattern":
                 session.wildcards -= 1
-            topic.sessions.pop(session, None)
+            topic.leave(session)
             self._maybe_linger(topic)
             removed.append(topic.name)
         return removed
@@ -428,6 +500,33 @@ class Hub:
         key = (topic, channel)
         if pattern is None:
             dirty = self._dirty
+            lone = channel not in self._repeated
+            if lone and not dirty:
+                # No subscriber holds a frame routed earlier in this read
+                # and no later message of the read joins this one: every
+                # direct subscriber gets it now, from one write_each call,
+                # with no Python per recipient (Topic.direct).
+                fds = topic.fds
+                if fds is None:
+                    fds = topic.targets()
+                # Taken before the writes: a subscriber whose write fails
+                # moves to ``indirect`` with the frame already handled.
+                others = list(topic.indirect) if topic.indirect else None
+                topic.sent_frames += 1
+                topic.sent_bytes += len(frame)
+                if fds:
+                    failed = self.write_each(frame, fds, topic.transports)
+                    if failed is not None:
+                        members = topic.members
+                        for i, done in failed:
+                            members[i].direct_failed(frame, done)
+                if others is not None:
+                    # After the writes: a lagging client's backlog work
+                    # (conflation, limits) must not delay the clients that
+                    # keep up.
+                    for session in others:
+                        session.deliver(frame, key, policy)
+                return
             # Session.deliver and Session.write, inlined: this loop runs once
             # per recipient, and a Python call per recipient is most of the
             # gateway's own cost. A session that holds a frame routed earlier
@@ -437,9 +536,8 @@ class Hub:
             # check and its write can close a socket: the lagging sessions'
             # deliver() runs after the writes, and no other callback runs
             # before this method returns.
-            lone = channel not in self._repeated
             size = len(frame)
-            fds: list[int] = []
+            fds = []
             direct: list[Session] = []
             lagging: list[Session] = []
             for session in topic.sessions:

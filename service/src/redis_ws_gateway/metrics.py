@@ -158,16 +158,15 @@ class _StateCollector(Collector):
             "Messages and stream entries read from Redis",
             gw.hub.messages_in,
         )
+        frames, size = m.closed_frames, m.closed_bytes
+        for session in sessions:
+            f, b = session.sent()
+            frames += f
+            size += b
         yield CounterMetricFamily(
-            f"{PREFIX}_frames_sent",
-            "WebSocket frames written to clients",
-            m.closed_frames + sum(s.frames_sent for s in sessions),
+            f"{PREFIX}_frames_sent", "WebSocket frames written to clients", frames
         )
-        yield CounterMetricFamily(
-            f"{PREFIX}_bytes_sent",
-            "Bytes written to client sockets",
-            m.closed_bytes + sum(s.bytes_sent for s in sessions),
-        )
+        yield CounterMetricFamily(f"{PREFIX}_bytes_sent", "Bytes written to client sockets", size)
         dropped = CounterMetricFamily(
             f"{PREFIX}_messages_dropped",
             "Messages a lagging client did not get, by slow-consumer policy",

@@ -18,7 +18,9 @@ fallback).
 A direct write must never reach a file descriptor the transport has closed
 (the number may already belong to a newer connection), so every direct write
 is preceded by a ``transport.is_closing()`` check: uvloop closes the
-descriptor only after marking the transport closing.
+descriptor only after marking the transport closing, and may do so on its
+own (a failed read) a loop iteration before the protocol hears of it. For a
+topic's direct subscribers the check runs in the C write loop (fanout.py).
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ class Session:
     def direct_failed(self, data: bytes, done: int) -> None:
         """A direct write the kernel took only ``done`` bytes of (-1: the
         socket failed). The hub's inlined loops call this too."""
-        self.direct = False
+        self._set_direct(False)
         if done < 0:
             # The peer is gone: the transport sees it on its next read and
             # closes; a later write through it reports the same error.
@@ -171,15 +173,32 @@ class Session:
 
     def check_direct(self) -> None:
         """Direct again once the transport holds nothing for this client."""
-        self.direct = (
+        self._set_direct(
             self.fd >= 0
             and not (self.lagging or self.closing or self.held)
             and not self.transport.is_closing()
             and self.transport.get_write_buffer_size() == 0
         )
 
+    def _set_direct(self, on: bool) -> None:
+        if on is self.direct:
+            return
+        self.direct = on
+        for topic in self.subscriptions.values():
+            topic.set_direct(self, on)
+
+    def sent(self) -> tuple[int, int]:
+        """Frames and bytes written to this client so far."""
+        frames, size = self.frames_sent, self.bytes_sent
+        if self.direct:
+            for topic in self.subscriptions.values():
+                f, b = topic.unsettled(self)
+                frames += f
+                size += b
+        return frames, size
+
     def start_lagging(self) -> None:
-        self.direct = False
+        self._set_direct(False)
         if not self.lagging:
             self.lagging = True
             self.lag_since = time.monotonic()
@@ -242,7 +261,7 @@ class Session:
         self.flush()
         self.held = True
         self.lagging = True
-        self.direct = False
+        self._set_direct(False)
 
     def release(self, first: list[bytes]) -> None:
         for body in reversed(first):
@@ -348,7 +367,7 @@ class Session:
         """The connection is closing or gone: nothing more is written, and
         never to the descriptor, which the transport may close any moment."""
         self.closing = True
-        self.direct = False
+        self._set_direct(False)
 
     def close(self, code: int, reason: str) -> None:
         if self.closing:
