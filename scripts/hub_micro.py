@@ -16,24 +16,17 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
+
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service" / "src"))
 
 from redis_ws_gateway.hub import Hub, Topic
 from redis_ws_gateway.session import Session
-
-
-class _Transport:
-    __slots__ = ()
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
 
 
 class _Principal:
@@ -46,10 +39,10 @@ class _Principal:
 _DEVNULL = os.open(os.devnull, os.O_WRONLY)
 
 
-def _session(hub: Hub) -> Session:
+def _session(hub: Hub, transport: asyncio.Transport) -> Session:
     session = Session(
         "micro",
-        _Transport(),  # type: ignore[arg-type]
+        transport,
         _Principal(),  # type: ignore[arg-type]
         "127.0.0.1",
         buffer_limit=1 << 20,
@@ -57,7 +50,7 @@ def _session(hub: Hub) -> Session:
         on_dirty=hub.mark_dirty,
         on_lagging=hub.mark_lagging,
         close=lambda s, code, reason: None,
-        fd=os.dup(_DEVNULL),
+        fd=_DEVNULL,
     )
     session.check_direct()
     return session
@@ -81,12 +74,17 @@ def _devnull_write_us(frame: bytes, n: int = 200_000) -> float:
 
 
 async def main() -> None:
+    # A real uvloop transport (on one end of a socket pair) for every
+    # session: the hub asks it is_closing() per recipient, as in the gateway.
+    loop = asyncio.get_running_loop()
+    gateway_end, _client_end = socket.socketpair()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, gateway_end)
     payload = b'{"ltp":22450.5,"ts":1795697863.61,"pad":"' + b"x" * 150 + b'"}'
     print(f"a bare loop of os.write to /dev/null: {_devnull_write_us(payload):.3f} us per write")
     hub = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
     one = Topic("channel", "market:tick:X")
     hub.channels[b"market:tick:X"] = one
-    sessions = [_session(hub) for _ in range(1000)]
+    sessions = [_session(hub, transport) for _ in range(1000)]
     for s in sessions:
         hub.attach(s, one)
     n = 3000
@@ -98,7 +96,7 @@ async def main() -> None:
     names = [f"market:tick:{i}".encode() for i in range(200)]
     for raw in names:
         hub.channels[raw] = Topic("channel", raw.decode())
-    sessions = [_session(hub) for _ in range(1000)]
+    sessions = [_session(hub, transport) for _ in range(1000)]
     for s in sessions:
         for raw in rng.sample(names, 5):
             hub.attach(s, hub.channels[raw])
@@ -112,4 +110,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())
