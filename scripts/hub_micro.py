@@ -3,8 +3,9 @@
 
 Routes messages through Hub.on_message/on_batch_end to sessions whose
 direct writes go to /dev/null, so what is timed is the gateway's Python per
-recipient (W1's shape: 1 channel x 1,000 sessions) and per message (W4's
-shape: 200 channels x 25 sessions each). Compare with the bench's kernel
+recipient (W1's shape: 1 channel x 1,000 sessions), per message (W4's
+shape: 200 channels x 25 sessions each) and per read of ten messages on one
+channel (W2's: 50 sessions). Compare with the bench's kernel
 floor: docs/BENCHMARKS-history.md, "Where W1's and W4's CPU goes", and
 docs/BENCHMARKS.md, "W4: what is left".
 
@@ -65,6 +66,19 @@ def _run(hub: Hub, channels: list[bytes], messages: int, payload: bytes) -> floa
     return time.perf_counter() - t0
 
 
+def _run_reads(hub: Hub, channel: bytes, reads: int, per_read: int, payload: bytes) -> float:
+    """Reads of ``per_read`` messages, all on one channel (W2's shape at its
+    higher rates, where a read carries several messages)."""
+    repeated = frozenset([channel])
+    t0 = time.perf_counter()
+    for _ in range(reads):
+        hub.on_batch_start(repeated)
+        for _ in range(per_read):
+            hub.on_message(channel, None, payload)
+        hub.on_batch_end()
+    return time.perf_counter() - t0
+
+
 def _devnull_write_us(frame: bytes, n: int = 200_000) -> float:
     write, fd = os.write, _DEVNULL
     t0 = time.perf_counter()
@@ -106,6 +120,18 @@ async def main() -> None:
     print(
         f"W4 shape: {dt / n * 1e6:.2f} us per message, {per_topic:.0f} recipients each, "
         f"{dt / n / per_topic * 1e6:.3f} us per delivery"
+    )
+
+    hub = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
+    w2 = Topic("channel", "market:tick:X")
+    hub.channels[b"market:tick:X"] = w2
+    for s in [_session(hub, transport) for _ in range(50)]:
+        hub.attach(s, w2)
+    reads, per_read = 20_000, 10
+    dt = _run_reads(hub, b"market:tick:X", reads, per_read, payload)
+    print(
+        f"W2 shape: {dt / reads * 1e6:.2f} us per read of {per_read} messages, 50 recipients, "
+        f"{dt / (reads * per_read * 50) * 1e6:.3f} us per delivery"
     )
 
 

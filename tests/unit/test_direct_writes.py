@@ -477,3 +477,126 @@ async def test_a_closing_session_leaves_the_direct_side_of_every_topic(pair: Any
     session.close(4008, "x")
     assert x.targets() == [other.fd] and y.targets() == []
     assert session in x.indirect and session in y.indirect
+
+
+def _sessions(hub: Hub, topic: Topic, n: int) -> Iterator[tuple[Session, socket.socket]]:
+    """n sessions on ``topic``, each on its own loopback pair: (session, client end)."""
+    for _ in range(n):
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        _OPEN.extend((a, b))
+        session, _ = _session(hub, topic, a.fileno())
+        yield session, b
+
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_open_sockets() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def test_a_run_of_one_channel_is_one_write_each_call_for_all_subscribers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub, topic = _hub()
+    clients = list(_sessions(hub, topic, 3))
+    calls = _record_writes(monkeypatch, hub)
+    each_calls: list[int] = []
+    recording = hub.write_each
+
+    def counting(
+        frame: bytes, fds: list[int], transports: list[Any] | None = None
+    ) -> list[tuple[int, int]] | None:
+        each_calls.append(len(fds))
+        return recording(frame, fds, transports)
+
+    hub.write_each = counting
+    _route(hub, b"1", b"2", b"3", b"4")
+    assert each_calls == [3]
+    assert [fd for fd, _ in calls] == [s.fd for s, _ in clients]
+    assert len({data for _, data in calls}) == 1
+    for session, client in clients:
+        stream = _read(client)
+        assert _seqs(stream) == [1, 2, 3, 4]
+        assert session.sent() == (4, len(stream))
+
+
+def test_a_run_cut_by_another_channel_still_gives_one_write_per_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub, x = _hub()
+    y = Topic("channel", "market:tick:Y")
+    hub.channels[b"market:tick:Y"] = y
+    (both, both_client), (only_x, only_x_client) = _sessions(hub, x, 2)
+    hub.attach(both, y)
+    calls = _record_writes(monkeypatch, hub)
+    _route_on(
+        hub,
+        (CHANNEL, b"1"),
+        (CHANNEL, b"2"),
+        (b"market:tick:Y", b"3"),
+        (b"market:tick:Y", b"4"),
+    )
+    assert sorted(fd for fd, _ in calls) == sorted([both.fd, only_x.fd])
+    got = _frames(_read(both_client))
+    assert [(f.split(b'"channel":"')[1][:13], s) for f, s in got] == [
+        (CHANNEL, 1),
+        (CHANNEL, 2),
+        (b"market:tick:Y", 1),
+        (b"market:tick:Y", 2),
+    ]
+    assert _seqs(_read(only_x_client)) == [1, 2]
+    assert both.sent()[0] == 4 and only_x.sent()[0] == 2
+
+
+async def test_a_lagging_subscriber_gets_each_frame_of_a_run_under_its_policy() -> None:
+    hub = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
+    topic = Topic("channel", CHANNEL.decode())
+    hub.channels[CHANNEL] = topic
+    (lagging, _), (_, fast_client) = _sessions(hub, topic, 2)
+    lagging.start_lagging()
+    _route(hub, b"1", b"2", b"3")
+    assert _seqs(_read(fast_client)) == [1, 2, 3]
+    # Conflated: only the newest frame of the channel waits.
+    assert lagging.conflated == 2 and len(lagging.backlog) == 1
+    ((frame, _),) = lagging.backlog.values()
+    assert _seqs(frame) == [3]
+
+
+def test_a_notice_after_a_run_comes_after_its_frames() -> None:
+    hub, x = _hub()
+    z = Topic("channel", "market:tick:Z")
+    hub.channels[b"market:tick:Z"] = z
+    ((session, client),) = _sessions(hub, x, 1)
+    hub.attach(session, z)
+    z.needs_notice = True  # Z was lost; its confirmation comes in this read
+    hub.on_batch_start({CHANNEL})
+    hub.on_message(CHANNEL, None, b"1")
+    hub.on_message(CHANNEL, None, b"2")
+    hub.on_confirmed("channel", b"market:tick:Z", None)
+    hub.on_batch_end()
+    stream = _read(client)
+    assert _seqs(stream) == [1, 2, -1]
+    assert b'"resubscribed"' in stream
+
+
+def test_a_run_s_rest_goes_through_the_transport_when_the_kernel_refuses_it(
+    pipe: tuple[int, int],
+) -> None:
+    hub, topic = _hub()
+    r, w = pipe
+    session, transport = _session(hub, topic, w)
+    big = b'"' + b"x" * 3_000 + b'"'
+    _route(hub, big, big)  # ~6 KB joined, into a 4 KB pipe
+    assert not session.direct and transport.get_write_buffer_size() > 0
+    stream = _drain(r)
+    while transport.get_write_buffer_size():
+        transport.flush()
+        stream += _drain(r)
+    assert _seqs(stream) == [1, 2]
+    assert session.sent() == (2, len(stream))

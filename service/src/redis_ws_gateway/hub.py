@@ -203,6 +203,11 @@ class Hub:
         self.tracer: Tracer | None = None
         self.trace_sample_rate = 0.01
         self._batch_started = time.perf_counter()
+        # A run: consecutive messages of one repeated channel in a read, held
+        # here instead of in each subscriber's batch (_end_run).
+        self._run: Topic | None = None
+        self._run_channel = b""
+        self._run_frames: list[bytes] = []
 
     # --- bookkeeping ----------------------------------------------------------
 
@@ -330,6 +335,8 @@ class Hub:
 
     def on_stream_entry(self, topic: Topic, entry_id: bytes, payload: bytes) -> None:
         """One live stream entry, routed like a pub/sub message plus its offset."""
+        if self._run is not None:
+            self._end_run(write=False)
         topic.cursor = entry_id
         self.messages_in += 1
         self.last_message_at = time.monotonic()
@@ -404,6 +411,8 @@ class Hub:
     # --- upstream events (called synchronously from the Redis protocol) -------
 
     def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None:
+        if self._run is not None:
+            self._end_run(write=False)  # its frames precede any notice queued here
         topic = (self.patterns if kind == "pattern" else self.channels).get(name)
         if topic is None or topic.sharded != (kind == "shard"):
             return
@@ -451,6 +460,8 @@ class Hub:
 
     def topics_lost(self, topics: Iterable[Topic]) -> None:
         """Their upstream subscription is gone: tell every subscriber, once."""
+        if self._run is not None:
+            self._end_run(write=False)
         lost: dict[Session, list[dict[str, Any]]] = {}
         for topic in topics:
             topic.live = False
@@ -496,12 +507,25 @@ class Hub:
         frame = protocol.text_frame(protocol.data_message(prefix, topic.seq, body, is_b64))
         if self.tracer is not None and b'"traceparent"' in payload:
             self._trace_delivery(channel, pattern, payload, len(topic.sessions))
+        run = self._run
+        if run is not None:
+            if run is topic and pattern is None:
+                self._run_frames.append(frame)
+                return
+            self._end_run(write=False)
+        if pattern is None and channel in self._repeated:
+            # The first of this channel's messages in the read: the run it
+            # starts ends at the next other message or notice, or with the
+            # read.
+            self._run = topic
+            self._run_channel = channel
+            self._run_frames = [frame]
+            return
         policy = self.policy_for(channel)
         key = (topic, channel)
         if pattern is None:
             dirty = self._dirty
-            lone = channel not in self._repeated
-            if lone and not dirty:
+            if not dirty:
                 # No subscriber holds a frame routed earlier in this read
                 # and no later message of the read joins this one: every
                 # direct subscriber gets it now, from one write_each call,
@@ -527,26 +551,21 @@ class Hub:
                     for session in others:
                         session.deliver(frame, key, policy)
                 return
-            # Session.deliver and Session.write, inlined: this loop runs once
-            # per recipient, and a Python call per recipient is most of the
-            # gateway's own cost. A session that holds a frame routed earlier
-            # in this read (its batch) gets this one behind it, never before.
-            # The checks stay here, the writes go to write_each after the
-            # loop: one call for every direct recipient. Nothing between a
-            # check and its write can close a socket: the lagging sessions'
-            # deliver() runs after the writes, and no other callback runs
-            # before this method returns.
+            # Some session holds a frame routed earlier in this read (its
+            # batch) and must get this one behind it, never before: the
+            # checks per recipient, with Session.deliver and Session.write
+            # inlined (a Python call per recipient was most of the gateway's
+            # own cost). The writes go to write_each after the loop: one call
+            # for every direct recipient. Nothing between a check and its
+            # write can close a socket: the lagging sessions' deliver() runs
+            # after the writes, and no other callback runs before this
+            # method returns.
             size = len(frame)
             fds = []
             direct: list[Session] = []
             lagging: list[Session] = []
             for session in topic.sessions:
-                if (
-                    lone
-                    and session.direct
-                    and not session.batch
-                    and not session.transport.is_closing()
-                ):
+                if session.direct and not session.batch and not session.transport.is_closing():
                     session.frames_sent += 1
                     session.bytes_sent += size
                     fds.append(session.fd)
@@ -597,7 +616,54 @@ class Hub:
             attrs["redis_ws_gateway.pattern"] = pattern.decode("utf-8", "replace")
         self.tracer.start_span("deliver", links=[link], attributes=attrs).end()
 
+    def _end_run(self, write: bool) -> None:
+        """The run's frames to its topic's subscribers. ``write`` (the end of
+        the read, with no session holding a frame from earlier in it): joined
+        into one write_each call for the direct ones. Else into each
+        subscriber's batch, so a client still gets one write per read."""
+        topic = self._run
+        assert topic is not None
+        frames = self._run_frames
+        self._run = None
+        self._run_frames = []
+        key = (topic, self._run_channel)
+        policy = self.policy_for(self._run_channel)
+        if write:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            fds = topic.fds
+            if fds is None:
+                fds = topic.targets()
+            others = list(topic.indirect) if topic.indirect else None
+            topic.sent_frames += len(frames)
+            topic.sent_bytes += len(data)
+            if fds:
+                failed = self.write_each(data, fds, topic.transports)
+                if failed is not None:
+                    members = topic.members
+                    for i, done in failed:
+                        members[i].direct_failed(data, done)
+            if others is not None:
+                for session in others:
+                    for frame in frames:
+                        session.deliver(frame, key, policy)
+            return
+        dirty = self._dirty
+        lagging: list[Session] = []
+        for session in topic.sessions:
+            if session.lagging:
+                lagging.append(session)
+                continue
+            batch = session.batch
+            if not batch:
+                dirty.append(session)
+            batch.extend(frames)
+        for session in lagging:
+            for frame in frames:
+                session.deliver(frame, key, policy)
+
     def on_batch_end(self) -> None:
+        if self._run is not None:
+            self._end_run(write=not self._dirty)
         dirty = self._dirty
         if dirty:
             write = os.write
