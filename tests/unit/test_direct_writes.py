@@ -445,6 +445,8 @@ async def test_sent_counts_each_frame_once_whichever_path_wrote_it(pipe: tuple[i
     stream = _drain(r)
     assert _seqs(stream) == [1, 2, 1, 3, 4]
     assert session.sent() == (5, len(stream))
+    hub.attach(session, x)  # already there: nothing restarts
+    assert session.sent() == (5, len(stream)) and len(x.sessions) == 1
     # Too big for the pipe: the rest goes through the transport, and the
     # session moves to each topic's other side until the transport is empty.
     _route(hub, b'"' + b"x" * 10_000 + b'"')

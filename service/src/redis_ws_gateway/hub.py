@@ -106,6 +106,8 @@ class Topic:
         self.transports: list[asyncio.Transport] = []
 
     def join(self, session: Session) -> None:
+        if session in self.sessions:
+            return  # a second join must not restart its counters
         self.sessions[session] = None
         if session.direct:
             self.direct[session] = (self.sent_frames, self.sent_bytes)
