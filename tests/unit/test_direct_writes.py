@@ -602,3 +602,12 @@ def test_a_run_s_rest_goes_through_the_transport_when_the_kernel_refuses_it(
         stream += _drain(r)
     assert _seqs(stream) == [1, 2]
     assert session.sent() == (2, len(stream))
+
+
+async def test_a_topic_lets_go_of_a_session_that_left_its_direct_side(pair: Any) -> None:
+    hub, topic = _hub()
+    session, _ = _session(hub, topic, pair[0].fileno())
+    assert topic.targets() == [session.fd] and topic.members == [session]
+    session.close(4008, "x")
+    hub.remove_session(session)
+    assert topic.fds is None and topic.members == [] and topic.transports == []

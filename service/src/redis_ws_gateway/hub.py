@@ -111,7 +111,7 @@ class Topic:
         self.sessions[session] = None
         if session.direct:
             self.direct[session] = (self.sent_frames, self.sent_bytes)
-            self.fds = None
+            self._stale()
         else:
             self.indirect[session] = None
 
@@ -129,7 +129,7 @@ class Topic:
             self.indirect.pop(session, None)
             if session not in self.direct:
                 self.direct[session] = (self.sent_frames, self.sent_bytes)
-                self.fds = None
+                self._stale()
         else:
             self._settle(session, self.direct.pop(session, None))
             self.indirect[session] = None
@@ -138,7 +138,14 @@ class Topic:
         if base is not None:
             session.frames_sent += self.sent_frames - base[0]
             session.bytes_sent += self.sent_bytes - base[1]
-            self.fds = None
+            self._stale()
+
+    def _stale(self) -> None:
+        # The lists go too: they must not keep closed sessions and their
+        # transports alive until the topic's next message.
+        self.fds = None
+        self.members = []
+        self.transports = []
 
     def unsettled(self, session: Session) -> tuple[int, int]:
         """Frames and bytes written to ``session`` by this topic's
