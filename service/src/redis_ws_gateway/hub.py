@@ -14,7 +14,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -539,26 +539,7 @@ class Hub:
                 # and no later message of the read joins this one: every
                 # direct subscriber gets it now, from one write_each call,
                 # with no Python per recipient (Topic.direct).
-                fds = topic.fds
-                if fds is None:
-                    fds = topic.targets()
-                # Taken before the writes: a subscriber whose write fails
-                # moves to ``indirect`` with the frame already handled.
-                others = list(topic.indirect) if topic.indirect else None
-                topic.sent_frames += 1
-                topic.sent_bytes += len(frame)
-                if fds:
-                    failed = self.write_each(frame, fds, topic.transports)
-                    if failed is not None:
-                        members = topic.members
-                        for i, done in failed:
-                            members[i].direct_failed(frame, done)
-                if others is not None:
-                    # After the writes: a lagging client's backlog work
-                    # (conflation, limits) must not delay the clients that
-                    # keep up.
-                    for session in others:
-                        session.deliver(frame, key, policy)
+                self._write_topic(topic, frame, (frame,), key, policy)
                 return
             # Some session holds a frame routed earlier in this read (its
             # batch) and must get this one behind it, never before: the
@@ -625,6 +606,37 @@ class Hub:
             attrs["redis_ws_gateway.pattern"] = pattern.decode("utf-8", "replace")
         self.tracer.start_span("deliver", links=[link], attributes=attrs).end()
 
+    def _write_topic(
+        self,
+        topic: Topic,
+        data: bytes,
+        frames: Sequence[bytes],
+        key: tuple[Topic, bytes],
+        policy: Policy,
+    ) -> None:
+        """``data`` (``frames`` joined) to every direct subscriber of
+        ``topic`` in one write_each call; then each frame to the others
+        through deliver(), after the writes, so that a lagging client's
+        backlog work (conflation, limits) never delays those that keep up."""
+        fds = topic.fds
+        if fds is None:
+            fds = topic.targets()
+        # Taken before the writes: a subscriber whose write fails moves to
+        # ``indirect`` with its frames already handled.
+        others = list(topic.indirect) if topic.indirect else None
+        topic.sent_frames += len(frames)
+        topic.sent_bytes += len(data)
+        if fds:
+            failed = self.write_each(data, fds, topic.transports)
+            if failed is not None:
+                members = topic.members
+                for i, done in failed:
+                    members[i].direct_failed(data, done)
+        if others is not None:
+            for session in others:
+                for frame in frames:
+                    session.deliver(frame, key, policy)
+
     def _end_run(self, write: bool) -> None:
         """The run's frames to its topic's subscribers. ``write`` (the end of
         the read, with no session holding a frame from earlier in it): joined
@@ -639,22 +651,7 @@ class Hub:
         policy = self.policy_for(self._run_channel)
         if write:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-            fds = topic.fds
-            if fds is None:
-                fds = topic.targets()
-            others = list(topic.indirect) if topic.indirect else None
-            topic.sent_frames += len(frames)
-            topic.sent_bytes += len(data)
-            if fds:
-                failed = self.write_each(data, fds, topic.transports)
-                if failed is not None:
-                    members = topic.members
-                    for i, done in failed:
-                        members[i].direct_failed(data, done)
-            if others is not None:
-                for session in others:
-                    for frame in frames:
-                        session.deliver(frame, key, policy)
+            self._write_topic(topic, data, frames, key, policy)
             return
         dirty = self._dirty
         lagging: list[Session] = []
