@@ -533,50 +533,16 @@ class Hub:
         policy = self.policy_for(channel)
         key = (topic, channel)
         if pattern is None:
-            dirty = self._dirty
-            if not dirty:
+            if not self._dirty:
                 # No subscriber holds a frame routed earlier in this read
                 # and no later message of the read joins this one: every
                 # direct subscriber gets it now, from one write_each call,
                 # with no Python per recipient (Topic.direct).
                 self._write_topic(topic, frame, (frame,), key, policy)
-                return
-            # Some session holds a frame routed earlier in this read (its
-            # batch) and must get this one behind it, never before: the
-            # checks per recipient, with Session.deliver and Session.write
-            # inlined (a Python call per recipient was most of the gateway's
-            # own cost). The writes go to write_each after the loop: one call
-            # for every direct recipient. Nothing between a check and its
-            # write can close a socket: the lagging sessions' deliver() runs
-            # after the writes, and no other callback runs before this
-            # method returns.
-            size = len(frame)
-            fds = []
-            direct: list[Session] = []
-            lagging: list[Session] = []
-            for session in topic.sessions:
-                if session.direct and not session.batch and not session.transport.is_closing():
-                    session.frames_sent += 1
-                    session.bytes_sent += size
-                    fds.append(session.fd)
-                    direct.append(session)
-                    continue
-                if session.lagging:
-                    lagging.append(session)
-                    continue
-                batch = session.batch
-                if not batch:
-                    dirty.append(session)
-                batch.append(frame)
-            if fds:
-                failed = self.write_each(frame, fds)
-                if failed is not None:
-                    for i, done in failed:
-                        direct[i].direct_failed(frame, done)
-            # After the writes: a lagging client's backlog work (conflation,
-            # limits) must not delay the clients that keep up.
-            for session in lagging:
-                session.deliver(frame, key, policy)
+            else:
+                # Some session holds a frame routed earlier in this read:
+                # this one goes behind it, into every subscriber's batch.
+                self._to_batches(topic, (frame,), key, policy)
         else:
             name = channel.decode("utf-8", "surrogateescape")
             for session in topic.sessions:
@@ -618,9 +584,7 @@ class Hub:
         ``topic`` in one write_each call; then each frame to the others
         through deliver(), after the writes, so that a lagging client's
         backlog work (conflation, limits) never delays those that keep up."""
-        fds = topic.fds
-        if fds is None:
-            fds = topic.targets()
+        fds = topic.targets()
         # Taken before the writes: a subscriber whose write fails moves to
         # ``indirect`` with its frames already handled.
         others = list(topic.indirect) if topic.indirect else None
@@ -652,7 +616,16 @@ class Hub:
         if write:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             self._write_topic(topic, data, frames, key, policy)
-            return
+        else:
+            self._to_batches(topic, frames, key, policy)
+
+    def _to_batches(
+        self, topic: Topic, frames: Sequence[bytes], key: tuple[Topic, bytes], policy: Policy
+    ) -> None:
+        """``frames`` into each subscriber's batch, behind what it holds from
+        earlier in the read (on_batch_end writes each batch at once);
+        Session.deliver inlined but for lagging subscribers, which get each
+        frame through their policy after the others."""
         dirty = self._dirty
         lagging: list[Session] = []
         for session in topic.sessions:
@@ -675,9 +648,9 @@ class Hub:
             write = os.write
             for session in dirty:
                 # Session.flush and Session.write, inlined for the same
-                # reason as in on_message: a flush() call per session instead
-                # cost W2 at 10,000 msg/s 0.61 -> 0.74 us per delivery
-                # (medians of three alternating runs).
+                # reason as in _to_batches: a flush() call per session
+                # instead cost W2 at 10,000 msg/s 0.61 -> 0.74 us per
+                # delivery (medians of three alternating runs).
                 batch = session.batch
                 data = batch[0] if len(batch) == 1 else b"".join(batch)
                 session.frames_sent += len(batch)
