@@ -30,7 +30,7 @@ class RunningGateway:
 
     async def start(self) -> RunningGateway:
         await self.gateway.start()
-        self.runner = web.AppRunner(self.gateway.build_app(), handle_signals=False, access_log=None)
+        self.runner = self.gateway.runner()
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.settings.port)
         await site.start()
@@ -82,13 +82,25 @@ async def wait_ready(http_base: str, timeout: float = 15.0) -> None:
 
 
 async def spawn_gateway(
-    redis_url: str, port: int, *, stderr: Any = None, ready: bool = True, **env: str
+    redis_url: str,
+    port: int,
+    *,
+    stderr: Any = None,
+    ready: bool = True,
+    nofile: int | None = None,
+    **env: str,
 ) -> Any:
     """A gateway as its own process (`python -m redis_ws_gateway serve`), for
-    what only a process shows: signals, kills, logs. Extra settings as env."""
+    what only a process shows: signals, kills, logs, memory. Extra settings
+    as env; ``nofile``: its open-file limit (soft and hard)."""
     import asyncio
     import os
+    import resource
     import sys
+
+    def limit_files() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     full_env = dict(
         os.environ,
@@ -102,6 +114,7 @@ async def spawn_gateway(
         sys.executable, "-m", "redis_ws_gateway", "serve", env=full_env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL if stderr is None else stderr,
+        preexec_fn=limit_files if nofile is not None else None,
     )  # fmt: skip
     if ready:
         try:

@@ -18,8 +18,10 @@ import resource
 import signal
 import socket
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import structlog
@@ -46,7 +48,7 @@ from .errors import (
     Unauthorized,
 )
 from .hub import Hub
-from .limits import ConnectionCounter, TokenBucket, pattern_metachars
+from .limits import ConnectionCounter, TokenBucket, WireBudget, pattern_metachars
 from .metrics import Metrics, close_reason
 from .redis_conn import MasterLocator, tls_context
 from .session import Session
@@ -119,7 +121,15 @@ class Gateway:
             settings.max_connections,
             settings.max_connections_per_ip,
             settings.max_connections_per_user,
+            settings.max_pending_handshakes,
+            # Behind a proxy every socket comes from the proxy's address: the
+            # client's is known only from the request, and counted then.
+            settings.max_pending_handshakes_per_ip,
         )
+        # Accepted sockets not yet upgraded, with the address they count under.
+        self._pending: dict[web.RequestHandler, str | None] = {}
+        # Refused sockets whose request is being read and thrown away.
+        self._refused: set[_Refused] = set()
         # Last: its collector reads the state above.
         self.metrics = Metrics(self)
         self.hub.observe_processing = self.metrics.processing.observe
@@ -190,7 +200,9 @@ class Gateway:
         if (
             origin is not None
             and s.allowed_origins
-            and not _origin_allowed(origin, s.allowed_origins, request.host)
+            and not _origin_allowed(
+                origin, s.allowed_origins, request.host if s.allow_same_host_origin else None
+            )
         ):
             # Cross-site WebSocket hijacking: a page elsewhere must not ride on
             # the user's cookies or network position.
@@ -201,12 +213,17 @@ class Gateway:
             with self.tracer.start_as_current_span("ws.connect") as span:
                 span.set_attribute("client.address", ip)
                 if credential is not None:
-                    principal = await self.auth.authenticate(credential)
+                    # The upgrade has a deadline as the request head has: a
+                    # slow key fetch must not hold sockets open without end.
+                    async with asyncio.timeout(s.handshake_timeout_seconds):
+                        principal = await self.auth.authenticate(credential)
                 elif s.require_auth:
                     principal = self.auth.unauthenticated()
                 else:
                     principal = self.auth.anonymous()
                 span.set_attribute("redis_ws_gateway.auth", principal.via)
+        except TimeoutError:
+            return self._reject(503, "handshake_timeout", "authentication timed out")
         except Unauthorized as exc:
             self.metrics.auth_failures.labels(_auth_reason(str(exc))).inc()
             return self._reject(401, "unauthorized", str(exc))
@@ -214,7 +231,12 @@ class Gateway:
             self.metrics.auth_failures.labels("no_known_role").inc()
             return self._reject(403, "forbidden", str(exc))
         user = _counted_user(principal)
-        refusal = self.connections.refusal(ip, user)
+        handler = request.protocol
+        if handler not in self._pending:
+            # Its socket went while the credential was checked.
+            return self._reject(503, "handshake_timeout", "connection gone")
+        sock_ip = self._pending[handler]
+        refusal = self.connections.upgrade_refusal(sock_ip, ip, user)
         if refusal is not None:
             status = 503 if "gateway" in refusal else 429
             reason = (
@@ -268,15 +290,25 @@ class Gateway:
             counted_user=user,
             bucket=TokenBucket(s.rate_limit_per_second, s.rate_limit_burst),
             max_size=s.ws_max_message_bytes,
+            budget=WireBudget(
+                s.ws_max_frames_per_second,
+                s.ws_frame_burst,
+                s.ws_max_bytes_per_second,
+                max(s.ws_max_bytes_per_second, 2 * s.ws_max_message_bytes),
+            ),
+            max_fragments=s.ws_max_fragments,
         )
         # From here on the socket's bytes go to conn (held until start()).
-        handler = request.protocol
         transport.set_protocol(conn)
         try:
             await ws.prepare(request)
         except BaseException:
             transport.set_protocol(handler)
             raise
+        # The socket is the connection's now: counted as open, not pending,
+        # before detach() makes aiohttp report it lost.
+        del self._pending[handler]
+        self.connections.upgraded(sock_ip, ip, user)
         detach(request)
         # pause_writing() past the high-water mark makes the session lag;
         # resume_writing() at half of it drains the backlog.
@@ -294,7 +326,6 @@ class Gateway:
         session = conn.session
         principal = session.principal
         self.sessions[session] = conn
-        self.connections.add(conn.ip, conn.counted_user)
         loop = asyncio.get_running_loop()
         if principal.via == "pending":
             conn.auth_timer = loop.call_later(
@@ -370,7 +401,7 @@ class Gateway:
         session = conn.session
         self.hub.remove_session(session)
         del self.sessions[session]
-        self.connections.remove(conn.ip, conn.counted_user)
+        self.connections.closed(conn.ip, conn.counted_user)
         code = conn.close_code if conn.close_code is not None else CLOSE_ABNORMAL
         m = self.metrics
         m.closed.labels(close_reason(code)).inc()
@@ -387,6 +418,64 @@ class Gateway:
             dropped=session.dropped,
             conflated=session.conflated,
         )
+
+    # --- sockets before their upgrade --------------------------------------
+
+    def runner(self) -> web.AppRunner:
+        """The aiohttp runner for this gateway's routes, with its sockets
+        counted from accept (socket_opened/socket_closed)."""
+        return _GatewayRunner(
+            self,
+            self.build_app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
+            # aiohttp closes a socket that has sent no complete request head
+            # this long after it was accepted or its last response: the
+            # deadline a slowloris client runs into.
+            keepalive_timeout=self.settings.handshake_timeout_seconds,
+        )
+
+    def socket_opened(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        ip: str | None = None
+        if not self.settings.trusted_proxy_hops:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                ip = str(peer[0])
+        refusal = self.connections.admit(ip)
+        if refusal is None:
+            self._pending[handler] = ip
+            return
+        status = 429 if "address" in refusal else 503
+        if "handshake" in refusal:
+            label = "limit_pending"
+        else:
+            label = "limit_ip" if status == 429 else "limit_total"
+        self.metrics.rejected.labels(label).inc()
+        # Next in the loop, once aiohttp's handler has started: it is then
+        # let go of like an upgraded connection's (detach()).
+        asyncio.get_running_loop().call_soon(self._refuse, handler, transport, status, refusal)
+
+    def _refuse(
+        self, handler: web.RequestHandler, transport: asyncio.Transport, status: int, reason: str
+    ) -> None:
+        """Answer a socket refused at accept without reading its request,
+        and close it: with a response rather than a reset, and holding its
+        descriptor only briefly (_Refused), so a flood of sockets never
+        holds more descriptors than the caps allow."""
+        if transport.is_closing():
+            return
+        refused = _Refused(transport, self._refused)
+        transport.set_protocol(refused)
+        handler.transport = None
+        handler.connection_lost(None)
+        # As many refused sockets may linger as handshakes may be pending:
+        # _fit_fd_limit keeps descriptors for both.
+        refused.answer(_early_refusal(status, reason), self.settings.max_pending_handshakes)
+
+    def socket_closed(self, handler: web.RequestHandler) -> None:
+        if handler in self._pending:
+            self.connections.closed(self._pending.pop(handler), None, pending=True)
 
     def _reject(self, status: int, reason: str, text: str) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
@@ -450,7 +539,7 @@ class Gateway:
             raise Unauthorized("a refreshed token must be for the same subject")
         user = _counted_user(new)
         if old.via == "pending":
-            refusal = self.connections.refusal(None, user)
+            refusal = self.connections.user_refusal(user)
             if refusal is not None:
                 session.close(CLOSE_POLICY, refusal)
                 return
@@ -834,15 +923,133 @@ def _http_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
 
 
-def _origin_allowed(origin: str, allowed: tuple[str, ...], host: str) -> bool:
-    # Exact scheme, host and port: no suffix or substring matching.
-    origin = origin.rstrip("/").lower()
-    if "*" in allowed or origin in {a.lower() for a in allowed}:
+def _origin_allowed(origin: str, allowed: tuple[str, ...], host: str | None) -> bool:
+    """Exact scheme, host and port (default ports spelled or not): no
+    suffix or substring matching.
+
+    ``host``: the request's Host header, accepted as the origin's host under
+    either scheme only when ALLOW_SAME_HOST_ORIGIN asks for it. Off by
+    default: a DNS-rebinding page sends its own name as both Origin and Host.
+    """
+    if "*" in allowed:
         return True
-    # Same origin (the console served by this gateway): a page elsewhere
-    # cannot make its browser send our host as its Origin.
-    _, _, netloc = origin.partition("://")
-    return bool(netloc) and netloc == host.lower()
+    key = _origin_key(origin)
+    if key is None:
+        return False
+    if key in {_origin_key(a) for a in allowed}:
+        return True
+    if host is None:
+        return False
+    return _origin_key(f"{key[0]}://{host}") == key
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a serialised origin; None if it is not one."""
+    try:
+        url = urlsplit(origin.strip())
+        scheme = url.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or not url.hostname or url.path not in ("", "/"):
+            return None
+        if url.query or url.fragment or url.username is not None:
+            return None
+        port = url.port if url.port is not None else _DEFAULT_PORTS[scheme]
+    except ValueError:  # a port out of range or not a number
+        return None
+    return scheme, url.hostname, port
+
+
+class _GatewayRunner(web.AppRunner):
+    """An AppRunner whose server reports each accepted and closed socket to
+    the gateway before aiohttp reads a byte from it."""
+
+    def __init__(self, gateway: Gateway, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._gateway = gateway
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        gateway = self._gateway
+        made, lost = server.connection_made, server.connection_lost
+
+        # aiohttp's Server is the one object told of every socket; it has
+        # no hook, so its two methods are wrapped on this instance.
+        def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            gateway.socket_opened(handler, transport)
+
+        def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+            gateway.socket_closed(handler)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+        return server
+
+
+class _Refused(asyncio.Protocol):
+    """A socket refused at accept: its response goes out, then what the
+    client still sends is read and dropped until it closes (or for at most
+    REFUSED_LINGER_SECONDS). Closing a socket with unread input makes the
+    kernel send a reset, and the client may lose the response to it."""
+
+    def __init__(self, transport: asyncio.Transport, lingering: set[_Refused]) -> None:
+        self.transport = transport
+        self.lingering = lingering
+        self.timer: asyncio.TimerHandle | None = None
+
+    def answer(self, response: bytes, linger_max: int) -> None:
+        transport = self.transport
+        transport.write(response)
+        if len(self.lingering) >= linger_max or not transport.can_write_eof():
+            # No descriptor to spare for reading the rest later: what has
+            # come in already (usually the whole request) is read now.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                _discard_input(sock.fileno())
+            transport.close()
+            return
+        transport.write_eof()
+        self.lingering.add(self)
+        self.timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lingering.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+REFUSED_LINGER_SECONDS = 2.0
+
+
+def _discard_input(fd: int) -> None:
+    for _ in range(16):
+        try:
+            if not os.read(fd, 65536):
+                return
+        except OSError:  # nothing more to read now, or the peer is gone
+            return
+
+
+def _early_refusal(status: int, reason: str) -> bytes:
+    """A whole HTTP response for a socket refused when it is accepted, before
+    any request: aiohttp has no way to answer a request not yet read."""
+    body = f"{reason}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Retry-After: 1\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
 
 
 def _client_ip(request: web.Request, trusted_hops: int) -> str:
@@ -863,23 +1070,30 @@ def _counted_user(principal: Principal) -> str | None:
 
 def _fit_fd_limit(settings: Settings) -> Settings:
     """Raise the open-file limit to its hard maximum, and cap MAX_CONNECTIONS
-    below it: past the limit the event loop would accept and drop sockets
-    silently, which is worse than a 503 the client can act on."""
+    plus MAX_PENDING_HANDSHAKES below it: past the limit the event loop would
+    accept and drop sockets silently, which is worse than a 503 the client
+    can act on."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
     if soft == resource.RLIM_INFINITY:
         return settings
-    usable = max(1, soft - 128)  # Redis connections, log and config files, listeners
-    if settings.max_connections > usable:
+    usable = max(3, soft - 128)  # Redis connections, log and config files, listeners
+    # Pending handshakes and as many refused sockets being read out
+    # (_Refused) on top of the open connections.
+    pending = min(settings.max_pending_handshakes, max(1, usable // 6))
+    if settings.max_connections + 2 * pending > usable:
         log.warning(
             "max_connections_capped_by_fd_limit",
             configured=settings.max_connections,
-            effective=usable,
+            effective=usable - 2 * pending,
+            pending=pending,
             nofile=soft,
         )
-        return dataclasses.replace(settings, max_connections=usable)
+        return dataclasses.replace(
+            settings, max_connections=usable - 2 * pending, max_pending_handshakes=pending
+        )
     return settings
 
 
@@ -889,12 +1103,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     provider = provider_from_env()
     gateway = Gateway(settings, provider)
     await gateway.start()
-    runner = web.AppRunner(
-        gateway.build_app(),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=1.0,
-    )
+    runner = gateway.runner()
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()

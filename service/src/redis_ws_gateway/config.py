@@ -146,6 +146,15 @@ class Settings:
     max_connections: int = 50_000
     max_connections_per_ip: int = 0
     max_connections_per_user: int = 100
+    # The hostile-client limits (docs/SECURITY.md).
+    handshake_timeout_seconds: float = 5.0
+    max_pending_handshakes: int = 256
+    max_pending_handshakes_per_ip: int = 16
+    ws_max_frames_per_second: float = 100.0
+    ws_frame_burst: int = 200
+    ws_max_bytes_per_second: int = 262_144
+    ws_max_fragments: int = 64
+    allow_same_host_origin: bool = False
     max_channel_name_length: int = 256
     max_pattern_metachars: int = 8
     trusted_proxy_hops: int = 0
@@ -330,6 +339,14 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MAX_CONNECTIONS": ("max_connections", _int_range(1, 10_000_000)),
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _int_range(0, 10_000_000)),
     "MAX_CONNECTIONS_PER_USER": ("max_connections_per_user", _int_range(0, 10_000_000)),
+    "HANDSHAKE_TIMEOUT_SECONDS": ("handshake_timeout_seconds", _float_range(0.1, 600)),
+    "MAX_PENDING_HANDSHAKES": ("max_pending_handshakes", _int_range(1, 1_000_000)),
+    "MAX_PENDING_HANDSHAKES_PER_IP": ("max_pending_handshakes_per_ip", _int_range(0, 1_000_000)),
+    "WS_MAX_FRAMES_PER_SECOND": ("ws_max_frames_per_second", _float_range(1, 1_000_000)),
+    "WS_FRAME_BURST": ("ws_frame_burst", _int_range(1, 1_000_000)),
+    "WS_MAX_BYTES_PER_SECOND": ("ws_max_bytes_per_second", _int_range(1024, 1 << 30)),
+    "WS_MAX_FRAGMENTS": ("ws_max_fragments", _int_range(1, 1_000_000)),
+    "ALLOW_SAME_HOST_ORIGIN": ("allow_same_host_origin", _parse_bool),
     "MAX_CHANNEL_NAME_LENGTH": ("max_channel_name_length", _int_range(1, 4096)),
     "MAX_PATTERN_METACHARS": ("max_pattern_metachars", _int_range(1, 64)),
     "TRUSTED_PROXY_HOPS": ("trusted_proxy_hops", _int_range(0, 10)),

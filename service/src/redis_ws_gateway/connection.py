@@ -14,6 +14,13 @@ What a connection still needs lives here:
   connections instead of a timer per connection.
 - Flow control: ``pause_writing``/``resume_writing`` from the transport mark
   the session lagging and drain it, instead of a buffer check per write.
+- A budget on what the client sends (docs/SECURITY.md): every frame, control
+  and continuation frames included, costs from one token bucket of frames and
+  one of bytes, before and after authentication. An empty bucket pauses
+  reading until it refills, so one read handles a bounded number of frames
+  and a flood is slowed to the budget's rate instead of holding the loop. A
+  Ping that arrives while the client is not reading its own socket stops
+  reading from it until it does: pongs never queue without bound.
 
 Outgoing data frames never pass through here: the hub writes pre-encoded
 frames straight to ``session.transport``.
@@ -31,13 +38,14 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
-from .limits import TokenBucket
+from .limits import TokenBucket, WireBudget
 
 if TYPE_CHECKING:
     from .session import Session
 
 CLOSE_NORMAL = 1000
 CLOSE_ABNORMAL = 1006  # never sent: the code a peer sees when no close frame came
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_SERVER_ERROR = 1011
 
@@ -50,6 +58,11 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 # Reads stop while this many bytes of client messages wait to be handled
 # (aiohttp's WebSocket queue used the same limit).
 INBOX_LIMIT = 65536
+
+# Why reading from a client is paused; it resumes when no reason is left.
+PAUSE_INBOX = 1  # client messages wait to be handled (INBOX_LIMIT)
+PAUSE_BUDGET = 2  # the frame or byte budget is spent until the buckets refill
+PAUSE_WRITES = 4  # a Ping came while the client does not read what it gets
 
 # Outgoing control frames are serialised by wsproto. FrameProtocol.ping/pong/
 # close keep no state, so one serialiser serves every connection.
@@ -185,6 +198,7 @@ class WsConnection(asyncio.Protocol):
         "age_timer",
         "auth_timer",
         "bucket",
+        "budget",
         "close_code",
         "closing",
         "counted_user",
@@ -196,18 +210,23 @@ class WsConnection(asyncio.Protocol):
         "ip",
         "last_seen",
         "lost",
+        "max_fragments",
         "max_size",
+        "msg_frames",
         "msg_parts",
         "msg_size",
         "owner",
         "parser",
+        "paused",
+        "pending_pong",
         "ping_at",
-        "reading_paused",
+        "resume_timer",
         "session",
         "started",
         "task",
         "transport",
         "wheel",
+        "write_paused",
     )
 
     def __init__(
@@ -221,6 +240,8 @@ class WsConnection(asyncio.Protocol):
         counted_user: str | None,
         bucket: TokenBucket,
         max_size: int,
+        budget: WireBudget | None = None,
+        max_fragments: int = 0,
     ) -> None:
         self.owner = owner
         self.transport = transport
@@ -230,12 +251,18 @@ class WsConnection(asyncio.Protocol):
         self.counted_user = counted_user
         self.bucket = bucket
         self.max_size = max_size
+        self.budget = budget
+        self.max_fragments = max_fragments
         self.parser: Connection | None = None
         self.msg_parts: list[Any] | None = None
         self.msg_size = 0
+        self.msg_frames = 0
         self.inbox: deque[str | bytes] | None = None
         self.inbox_bytes = 0
-        self.reading_paused = False
+        self.paused = 0
+        self.resume_timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
+        self.pending_pong: bytes | None = None
         self.task: asyncio.Task[None] | None = None
         self.auth_timer: asyncio.TimerHandle | None = None
         self.expiry_timer: asyncio.TimerHandle | None = None
@@ -273,11 +300,33 @@ class WsConnection(asyncio.Protocol):
         if parser is None:
             parser = self.parser = Connection(ConnectionType.SERVER)
         parser.receive_data(data)
+        budget = self.budget
+        if budget is not None and data:
+            budget.spend_bytes(len(data))
+        self._parse()
+
+    def _parse(self) -> None:
+        """Handle the frames the parser holds, while the budget lasts.
+
+        Stopping early is safe: wsproto keeps the unparsed bytes and the next
+        ``events()`` call goes on from there."""
+        parser = self.parser
+        if parser is None or self.paused & (PAUSE_BUDGET | PAUSE_WRITES):
+            return
+        budget = self.budget
         for event in parser.events():
             if isinstance(event, TextMessage | BytesMessage):
-                if not self._message_part(event.data, event.message_finished):
+                if not self._message_part(event.data, event.frame_finished, event.message_finished):
                     return
+                if not event.frame_finished:
+                    continue  # part of a frame that arrived in pieces: its bytes are counted
             elif isinstance(event, Ping):
+                if self.write_paused:
+                    # The client does not read what it gets: its pong waits,
+                    # and so does everything else it sends, until it reads.
+                    self.pending_pong = bytes(event.payload)
+                    self._pause(PAUSE_WRITES)
+                    return
                 self.session.write(pong_frame(bytes(event.payload)))
             elif isinstance(event, CloseConnection):
                 if parser.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
@@ -290,10 +339,54 @@ class WsConnection(asyncio.Protocol):
                     self._close(int(event.code), "")
                 return
             # Pong: only last_seen matters.
+            if budget is not None and not budget.take_frame():
+                # This frame spent the last of the budget: the rest waits.
+                self._wait_for_budget()
+                return
+        if budget is not None and budget.in_debt():
+            # The bytes of this read are over the budget: the next read waits.
+            self._wait_for_budget()
         if self.msg_parts is None and parser_idle(parser):
             self.parser = None
 
-    def _message_part(self, data: str | bytes | bytearray, finished: bool) -> bool:
+    def _wait_for_budget(self) -> None:
+        budget = self.budget
+        assert budget is not None
+        self._pause(PAUSE_BUDGET)
+        if self.resume_timer is None:
+            self.resume_timer = asyncio.get_running_loop().call_later(
+                budget.wait_seconds(), self._budget_refilled
+            )
+
+    def _budget_refilled(self) -> None:
+        self.resume_timer = None
+        if self.closing or self.lost:
+            return
+        budget = self.budget
+        assert budget is not None
+        if budget.in_debt():
+            self.resume_timer = asyncio.get_running_loop().call_later(
+                budget.wait_seconds(), self._budget_refilled
+            )
+            return
+        self._resume(PAUSE_BUDGET)
+        self._parse()
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and not self.lost:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and not self.closing and not self.lost:
+            self.transport.resume_reading()
+
+    def _message_part(
+        self, data: str | bytes | bytearray, frame_finished: bool, finished: bool
+    ) -> bool:
         # The limit is in bytes, as aiohttp's was; wsproto hands text over decoded.
         n = len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
         size = self.msg_size + n
@@ -302,9 +395,17 @@ class WsConnection(asyncio.Protocol):
             return False
         parts = self.msg_parts
         if not finished:
+            # Counted per frame, empty ones too: a message of endless empty
+            # continuation frames is bounded by this, not by its size.
+            if frame_finished:
+                self.msg_frames += 1
+            if self.max_fragments and self.msg_frames > self.max_fragments:
+                self._close(CLOSE_POLICY, "too many fragments")
+                return False
             if parts is None:
                 self.msg_parts = parts = []
-            parts.append(data)
+            if n:
+                parts.append(data)
             self.msg_size = size
             return True
         if parts is not None:
@@ -312,6 +413,7 @@ class WsConnection(asyncio.Protocol):
             data = "".join(parts) if isinstance(data, str) else b"".join(parts)
             self.msg_parts = None
         self.msg_size = 0
+        self.msg_frames = 0
         self._enqueue(data if isinstance(data, str) else bytes(data))
         return True
 
@@ -321,9 +423,8 @@ class WsConnection(asyncio.Protocol):
             inbox = self.inbox = deque()
         inbox.append(message)
         self.inbox_bytes += len(message)
-        if self.inbox_bytes > INBOX_LIMIT and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        if self.inbox_bytes > INBOX_LIMIT:
+            self._pause(PAUSE_INBOX)
         if self.task is None:
             self.owner.frames_waiting(self)
 
@@ -336,9 +437,8 @@ class WsConnection(asyncio.Protocol):
             return None
         message = inbox.popleft()
         self.inbox_bytes -= len(message)
-        if self.reading_paused and self.inbox_bytes <= INBOX_LIMIT // 2 and not self.closing:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        if self.paused & PAUSE_INBOX and self.inbox_bytes <= INBOX_LIMIT // 2:
+            self._resume(PAUSE_INBOX)
         return message
 
     def eof_received(self) -> bool | None:
@@ -351,10 +451,18 @@ class WsConnection(asyncio.Protocol):
         self._try_finish()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self.session.start_lagging()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         self.owner.writable(self.session)
+        if self.paused & PAUSE_WRITES and not self.closing:
+            pong, self.pending_pong = self.pending_pong, None
+            if pong is not None:
+                self.session.write(pong_frame(pong))
+            self._resume(PAUSE_WRITES)
+            self._parse()
 
     # --- keepalive --------------------------------------------------------------
 
@@ -393,7 +501,10 @@ class WsConnection(asyncio.Protocol):
         self.session.stop_writing()
         if self.close_code is None:
             self.close_code = code
-        if not self.lost:
+        # uvloop may have closed the socket itself (a failed read) before
+        # connection_lost() came: a write then raises, inside whatever
+        # closed this client (the hub's fan-out of a Redis read, say).
+        if not self.lost and not self.transport.is_closing():
             self.transport.write(close_frame(code, reason))
             self.transport.close()
             asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_SECONDS, self._reset)
@@ -425,10 +536,10 @@ class WsConnection(asyncio.Protocol):
         if self.finished or self.task is not None or not (self.closing or self.lost):
             return
         self.finished = True
-        for timer in (self.auth_timer, self.expiry_timer, self.age_timer):
+        for timer in (self.auth_timer, self.expiry_timer, self.age_timer, self.resume_timer):
             if timer is not None:
                 timer.cancel()
-        self.auth_timer = self.expiry_timer = self.age_timer = None
+        self.auth_timer = self.expiry_timer = self.age_timer = self.resume_timer = None
         self.inbox = None
         self.owner.connection_gone(self)
 

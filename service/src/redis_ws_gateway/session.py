@@ -157,8 +157,18 @@ class Session:
             return
         # Over the high-water mark the transport calls pause_writing() inside
         # write(), and the connection makes the session lag (connection.py).
-        transport.write(data)
+        self._transport_write(data)
         self.check_direct()
+
+    def _transport_write(self, data: bytes) -> None:
+        try:
+            self.transport.write(data)
+        except RuntimeError:
+            # uvloop raises once it has closed the socket's handle, which it
+            # may do before is_closing() says so to a caller that checked
+            # earlier in the same callback: this client is gone, the others
+            # (and the Redis read that is being routed) are not.
+            self.stop_writing()
 
     def direct_failed(self, data: bytes, done: int) -> None:
         """A direct write the kernel took only ``done`` bytes of (-1: the
@@ -168,7 +178,7 @@ class Session:
             # The peer is gone: the transport sees it on its next read and
             # closes; a later write through it reports the same error.
             return
-        self.transport.write(data[done:] if done else data)
+        self._transport_write(data[done:] if done else data)
         self.check_direct()
 
     def check_direct(self) -> None:
@@ -340,8 +350,11 @@ class Session:
         if chunk:
             self.frames_sent += len(chunk)
             data = b"".join(chunk)
-            transport.write(data)
+            self._transport_write(data)
             self.bytes_sent += len(data)
+            if self.closing:
+                self._set_writable()
+                return True
         if self.backlog or transport.get_write_buffer_size() > self.high_water:
             return False
         self.lagging = False

@@ -178,7 +178,9 @@ class JwtVerifier:
             raise TokenRejected("bad token signature") from None
         except jwt.MissingRequiredClaimError:
             raise TokenRejected("token has no exp claim") from None
-        except (jwt.PyJWTError, ValueError, TypeError):
+        except (jwt.PyJWTError, ValueError, TypeError, ArithmeticError):
+            # ArithmeticError: pyjwt's int() of an exp of Infinity (its JSON
+            # parser reads the literal) overflows.
             raise TokenRejected("invalid token") from None
         return _claims(payload)
 
@@ -205,6 +207,10 @@ class JwtVerifier:
         raise TokenRejected("token algorithm not allowed")
 
 
+# 9999-12-31T23:59:59Z: later dates are not dates a token means.
+MAX_NUMERIC_DATE = 253_402_300_799
+
+
 def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
     value = payload.get(name)
     if value is None:
@@ -212,6 +218,10 @@ def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
     # pyjwt converts with int(), which would accept "9999999999" as a string.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TokenRejected(f"token claim {name} must be a number")
+    # pyjwt takes any number; the gateway turns exp into timers and into
+    # the 64-bit expiresAt of its frames, so it must be a date it can hold.
+    if not 0 <= value <= MAX_NUMERIC_DATE:
+        raise TokenRejected(f"token claim {name} out of range")
     return float(value)
 
 

@@ -185,23 +185,32 @@ class PubSubProtocol(asyncio.Protocol):
         listener.on_batch_start(repeated)
         try:
             for reply in replies:
-                if type(reply) is list and len(reply) >= 3:
-                    kind = reply[0]
-                    if kind == b"message":
-                        listener.on_message(reply[1], None, reply[2])
-                        continue
-                    if kind == b"pmessage":
-                        listener.on_message(reply[2], reply[1], reply[3])
-                        continue
-                    if kind == b"smessage":
-                        listener.on_message(reply[1], None, reply[2])
-                        continue
-                    if kind == b"sunsubscribe":
-                        self._on_sunsubscribe(reply[1])
-                        continue
-                self._on_reply(reply)
+                # A failure to route one reply is a bug to log, never a
+                # reason to drop the connection every client depends on: an
+                # exception out of data_received makes uvloop close it.
+                try:
+                    if type(reply) is list and len(reply) >= 3:
+                        kind = reply[0]
+                        if kind == b"message":
+                            listener.on_message(reply[1], None, reply[2])
+                            continue
+                        if kind == b"pmessage":
+                            listener.on_message(reply[2], reply[1], reply[3])
+                            continue
+                        if kind == b"smessage":
+                            listener.on_message(reply[1], None, reply[2])
+                            continue
+                        if kind == b"sunsubscribe":
+                            self._on_sunsubscribe(reply[1])
+                            continue
+                    self._on_reply(reply)
+                except Exception:
+                    log.exception("upstream_reply_not_routed")
         finally:
-            listener.on_batch_end()
+            try:
+                listener.on_batch_end()
+            except Exception:
+                log.exception("upstream_batch_not_written")
 
     def _on_sunsubscribe(self, name: bytes) -> None:
         mine = self._sunsubscribing.get(name, 0)
