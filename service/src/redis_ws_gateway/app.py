@@ -21,7 +21,6 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import structlog
@@ -33,7 +32,7 @@ from redis.exceptions import RedisError
 
 from . import protocol
 from .auth import Authenticator, Principal, build_acl
-from .config import Settings, SnapshotRule
+from .config import Settings, SnapshotRule, origin_key
 from .connection import Detached, Wheel, WsConnection, detach
 from .durable import Durable, StreamSpec
 from .errors import (
@@ -128,8 +127,12 @@ class Gateway:
         )
         # Accepted sockets not yet upgraded, with the address they count under.
         self._pending: dict[web.RequestHandler, str | None] = {}
+        # Their request-head deadlines, until the first request starts.
+        self._deadlines: dict[web.RequestHandler, asyncio.TimerHandle] = {}
         # Refused sockets whose request is being read and thrown away.
         self._refused: set[_Refused] = set()
+        # Whether sockets are counted from accept (served through runner()).
+        self._counting = False
         # Last: its collector reads the state above.
         self.metrics = Metrics(self)
         self.hub.observe_processing = self.metrics.processing.observe
@@ -233,6 +236,8 @@ class Gateway:
         user = _counted_user(principal)
         handler = request.protocol
         if handler not in self._pending:
+            if not self._counting:
+                raise RuntimeError("serve the gateway through Gateway.runner()")
             # Its socket went while the credential was checked.
             return self._reject(503, "handshake_timeout", "connection gone")
         sock_ip = self._pending[handler]
@@ -424,16 +429,17 @@ class Gateway:
     def runner(self) -> web.AppRunner:
         """The aiohttp runner for this gateway's routes, with its sockets
         counted from accept (socket_opened/socket_closed)."""
+        self._counting = True
         return _GatewayRunner(
             self,
             self.build_app(),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=1.0,
-            # aiohttp closes a socket that has sent no complete request head
-            # this long after it was accepted or its last response: the
-            # deadline a slowloris client runs into.
-            keepalive_timeout=self.settings.handshake_timeout_seconds,
+            # Idle time allowed between requests on a kept-alive socket, and
+            # for a later request's head (the first one's is the deadline
+            # armed in socket_opened).
+            keepalive_timeout=self.settings.http_keepalive_timeout_seconds,
         )
 
     def socket_opened(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
@@ -445,6 +451,9 @@ class Gateway:
         refusal = self.connections.admit(ip)
         if refusal is None:
             self._pending[handler] = ip
+            self._deadlines[handler] = asyncio.get_running_loop().call_later(
+                self.settings.handshake_timeout_seconds, self._head_too_late, handler
+            )
             return
         status = 429 if "address" in refusal else 503
         if "handshake" in refusal:
@@ -467,8 +476,14 @@ class Gateway:
             return
         refused = _Refused(transport, self._refused)
         transport.set_protocol(refused)
+        # Taken from aiohttp like an upgraded connection (detach()); its
+        # request task has not run yet and would fail on the handler it
+        # finds torn down, so it is cancelled before its first step.
+        task = handler._task_handler
         handler.transport = None
         handler.connection_lost(None)
+        if task is not None:
+            task.cancel()
         # As many refused sockets may linger as handshakes may be pending:
         # _fit_fd_limit keeps descriptors for both.
         refused.answer(_early_refusal(status, reason), self.settings.max_pending_handshakes)
@@ -476,6 +491,26 @@ class Gateway:
     def socket_closed(self, handler: web.RequestHandler) -> None:
         if handler in self._pending:
             self.connections.closed(self._pending.pop(handler), None, pending=True)
+        self._head_received(handler)
+
+    def _head_received(self, handler: web.RequestHandler) -> None:
+        timer = self._deadlines.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _head_too_late(self, handler: web.RequestHandler) -> None:
+        """No complete request head within HANDSHAKE_TIMEOUT_SECONDS of
+        accept: a slowloris client, or one too slow to serve."""
+        self._deadlines.pop(handler, None)
+        self.metrics.rejected.labels("handshake_timeout").inc()
+        handler.force_close()
+
+    @web.middleware
+    async def _first_request(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # The request head is complete: the deadline that bounds it is met.
+        self._head_received(request.protocol)
+        result: web.StreamResponse = await handler(request)
+        return result
 
     def _reject(self, status: int, reason: str, text: str) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
@@ -849,7 +884,8 @@ class Gateway:
 
     def build_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.settings.publish_max_bytes + 1024, middlewares=[self._trace_http]
+            client_max_size=self.settings.publish_max_bytes + 1024,
+            middlewares=[self._first_request, self._trace_http],
         )
         app.router.add_post("/publish", self.publish)
         app.router.add_get("/admin/connections", self.admin_connections)
@@ -933,32 +969,14 @@ def _origin_allowed(origin: str, allowed: tuple[str, ...], host: str | None) -> 
     """
     if "*" in allowed:
         return True
-    key = _origin_key(origin)
+    key = origin_key(origin)
     if key is None:
         return False
-    if key in {_origin_key(a) for a in allowed}:
+    if key in {origin_key(a) for a in allowed}:
         return True
     if host is None:
         return False
-    return _origin_key(f"{key[0]}://{host}") == key
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _origin_key(origin: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of a serialised origin; None if it is not one."""
-    try:
-        url = urlsplit(origin.strip())
-        scheme = url.scheme.lower()
-        if scheme not in _DEFAULT_PORTS or not url.hostname or url.path not in ("", "/"):
-            return None
-        if url.query or url.fragment or url.username is not None:
-            return None
-        port = url.port if url.port is not None else _DEFAULT_PORTS[scheme]
-    except ValueError:  # a port out of range or not a number
-        return None
-    return scheme, url.hostname, port
+    return origin_key(f"{key[0]}://{host}") == key
 
 
 class _GatewayRunner(web.AppRunner):
@@ -1083,16 +1101,17 @@ def _fit_fd_limit(settings: Settings) -> Settings:
     # Pending handshakes and as many refused sockets being read out
     # (_Refused) on top of the open connections.
     pending = min(settings.max_pending_handshakes, max(1, usable // 6))
-    if settings.max_connections + 2 * pending > usable:
+    connections = min(settings.max_connections, usable - 2 * pending)
+    if (connections, pending) != (settings.max_connections, settings.max_pending_handshakes):
         log.warning(
             "max_connections_capped_by_fd_limit",
             configured=settings.max_connections,
-            effective=usable - 2 * pending,
+            effective=connections,
             pending=pending,
             nofile=soft,
         )
         return dataclasses.replace(
-            settings, max_connections=usable - 2 * pending, max_pending_handshakes=pending
+            settings, max_connections=connections, max_pending_handshakes=pending
         )
     return settings
 

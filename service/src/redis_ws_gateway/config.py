@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -148,8 +149,11 @@ class Settings:
     max_connections_per_user: int = 100
     # The hostile-client limits (docs/SECURITY.md).
     handshake_timeout_seconds: float = 5.0
+    # Longer than common proxies' upstream keep-alive (nginx: 60 s), so the
+    # gateway never closes a connection a proxy is about to reuse.
+    http_keepalive_timeout_seconds: float = 75.0
     max_pending_handshakes: int = 256
-    max_pending_handshakes_per_ip: int = 16
+    max_pending_handshakes_per_ip: int = 64
     ws_max_frames_per_second: float = 100.0
     ws_frame_burst: int = 200
     ws_max_bytes_per_second: int = 262_144
@@ -262,10 +266,29 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     for origin in origins:
         if origin == "*":
             continue
-        scheme, sep, rest = origin.partition("://")
-        if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        if origin_key(origin) is None or "/" in origin.partition("://")[2]:
             raise ConfigError(name, origin, "expected scheme://host[:port] with no path, or *")
     return origins
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a serialised origin, the port spelled out;
+    None if it is not one. What ALLOWED_ORIGINS entries and a browser's
+    Origin header are compared by."""
+    try:
+        url = urlsplit(origin.strip())
+        scheme = url.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or not url.hostname or url.path not in ("", "/"):
+            return None
+        if url.query or url.fragment or url.username is not None:
+            return None
+        port = url.port if url.port is not None else _DEFAULT_PORTS[scheme]
+    except ValueError:  # a port out of range or not a number
+        return None
+    return scheme, url.hostname, port
 
 
 def _host_ports(name: str, raw: str) -> tuple[tuple[str, int], ...]:
@@ -340,6 +363,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MAX_CONNECTIONS_PER_IP": ("max_connections_per_ip", _int_range(0, 10_000_000)),
     "MAX_CONNECTIONS_PER_USER": ("max_connections_per_user", _int_range(0, 10_000_000)),
     "HANDSHAKE_TIMEOUT_SECONDS": ("handshake_timeout_seconds", _float_range(0.1, 600)),
+    "HTTP_KEEPALIVE_TIMEOUT_SECONDS": ("http_keepalive_timeout_seconds", _float_range(1, 3600)),
     "MAX_PENDING_HANDSHAKES": ("max_pending_handshakes", _int_range(1, 1_000_000)),
     "MAX_PENDING_HANDSHAKES_PER_IP": ("max_pending_handshakes_per_ip", _int_range(0, 1_000_000)),
     "WS_MAX_FRAMES_PER_SECOND": ("ws_max_frames_per_second", _float_range(1, 1_000_000)),

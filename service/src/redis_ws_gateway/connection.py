@@ -93,6 +93,15 @@ def parser_idle(parser: Connection) -> bool:
     )
 
 
+def _announced(parser: Connection) -> int:
+    """Payload bytes the frame being received still announces (its header's
+    length less what was handed over), 0 between frames (wsproto internals,
+    as parser_idle)."""
+    decoder = parser._proto._frame_decoder
+    header = decoder.header
+    return 0 if header is None else int(header.payload_len) - int(decoder.payload_consumed)
+
+
 class Owner(Protocol):
     """What a connection asks of the gateway (app.Gateway)."""
 
@@ -324,6 +333,8 @@ class WsConnection(asyncio.Protocol):
                 if self.write_paused:
                     # The client does not read what it gets: its pong waits,
                     # and so does everything else it sends, until it reads.
+                    if budget is not None:
+                        budget.take_frame()
                     self.pending_pong = bytes(event.payload)
                     self._pause(PAUSE_WRITES)
                     return
@@ -343,6 +354,11 @@ class WsConnection(asyncio.Protocol):
                 # This frame spent the last of the budget: the rest waits.
                 self._wait_for_budget()
                 return
+        if self.max_size and self.msg_size + _announced(parser) > self.max_size:
+            # Refused on its header: waiting for a payload that may never
+            # come (a header can declare 2**63 bytes) would hold the socket.
+            self._close(CLOSE_TOO_BIG, "")
+            return
         if budget is not None and budget.in_debt():
             # The bytes of this read are over the budget: the next read waits.
             self._wait_for_budget()
@@ -399,7 +415,9 @@ class WsConnection(asyncio.Protocol):
             # continuation frames is bounded by this, not by its size.
             if frame_finished:
                 self.msg_frames += 1
-            if self.max_fragments and self.msg_frames > self.max_fragments:
+            # The final frame is still to come: this message has more frames
+            # than counted so far.
+            if self.max_fragments and self.msg_frames >= self.max_fragments:
                 self._close(CLOSE_POLICY, "too many fragments")
                 return False
             if parts is None:
@@ -501,12 +519,13 @@ class WsConnection(asyncio.Protocol):
         self.session.stop_writing()
         if self.close_code is None:
             self.close_code = code
-        # uvloop may have closed the socket itself (a failed read) before
-        # connection_lost() came: a write then raises, inside whatever
-        # closed this client (the hub's fan-out of a Redis read, say).
-        if not self.lost and not self.transport.is_closing():
-            self.transport.write(close_frame(code, reason))
-            self.transport.close()
+        if not self.lost:
+            # A closing transport would drop the frame; and its own close()
+            # (after the client's EOF) may wait for a buffer that never
+            # drains: the reset timer below is what frees the socket then.
+            if not self.transport.is_closing():
+                self.transport.write(close_frame(code, reason))
+                self.transport.close()
             asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_SECONDS, self._reset)
         self._finish_soon()
 

@@ -29,6 +29,11 @@ class TokenBucket:
         return False
 
 
+# Reading resumes once this many frames (or the whole burst, if smaller)
+# are in the bucket again.
+RESUME_FRAMES = 10
+
+
 class WireBudget:
     """What one client may send: ``frames`` frames and ``rate_bytes`` bytes
     per second, with a burst of ``burst_frames`` and ``burst_bytes``.
@@ -85,10 +90,11 @@ class WireBudget:
         return self._frames < 1.0 or self._bytes < 0.0
 
     def wait_seconds(self) -> float:
-        """How long until a frame can be read and no bytes are owed."""
-        frames = max(0.0, 1.0 - self._frames) / self._rate
+        """How long until a few frames can be read and no bytes are owed:
+        a resume per frame would cost a timer per frame."""
+        want = min(self._burst_frames, RESUME_FRAMES)
+        frames = max(0.0, want - self._frames) / self._rate
         size = max(0.0, -self._bytes) / self._rate_bytes
-        # At least a few ms: a timer per frame would cost more than the frame.
         return max(0.005, frames, size)
 
 
