@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import itertools
 import os
 import random
@@ -26,6 +27,7 @@ import structlog
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -52,7 +54,7 @@ from .redis_conn import MasterLocator, tls_context
 from .session import Session
 from .sharded import ShardedUpstream
 from .snapshots import Snapshots
-from .tracing import provider_from_env, tracer_for
+from .tracing import context_from_headers, provider_from_env, tracer_for
 from .upstream import Upstream
 
 log = structlog.get_logger("redis_ws_gateway.app")
@@ -65,6 +67,10 @@ CLOSE_SERVER_ERROR = 1011
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_RATE_LIMITED = 4029
 SUBPROTOCOL = "rwg.v1"
+REFUSAL_HEADER = "X-Refusal-Reason"
+# Refused handshakes logged per second (and at once) before lines are only counted.
+REFUSAL_LOG_PER_SECOND = 5.0
+REFUSAL_LOG_BURST = 20
 TOKEN_PROTOCOL_PREFIX = "bearer."
 
 
@@ -120,6 +126,8 @@ class Gateway:
             settings.max_connections_per_ip,
             settings.max_connections_per_user,
         )
+        self._refusal_log = TokenBucket(REFUSAL_LOG_PER_SECOND, REFUSAL_LOG_BURST)
+        self._refusals_unlogged = 0
         # Last: its collector reads the state above.
         self.metrics = Metrics(self)
         self.hub.observe_processing = self.metrics.processing.observe
@@ -390,7 +398,26 @@ class Gateway:
 
     def _reject(self, status: int, reason: str, text: str) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
-        return web.Response(status=status, text=f"{text}\n")
+        self._log_refusal(status, reason, text)
+        # A WebSocket client library seldom exposes the body of a refused
+        # upgrade; the header carries the same reason to it.
+        return web.Response(status=status, text=f"{text}\n", headers={REFUSAL_HEADER: text})
+
+    def _log_refusal(self, status: int, reason: str, text: str) -> None:
+        """A browser shows only a failed upgrade, so the log is where an
+        operator learns why; a bucket bounds what a flood of bad handshakes
+        can write, and the next line that gets through counts the rest."""
+        if not self._refusal_log.take():
+            self._refusals_unlogged += 1
+            return
+        log.warning(
+            "handshake_refused",
+            status=status,
+            reason=reason,
+            detail=text,
+            unlogged_since_last=self._refusals_unlogged,
+        )
+        self._refusals_unlogged = 0
 
     def _client_error(self, session: Session, exc: GatewayError) -> None:
         self.metrics.client_errors.labels(exc.code).inc()
@@ -751,28 +778,41 @@ class Gateway:
         if not self.tracing or request.path == "/ws":
             result: web.StreamResponse = await handler(request)
             return result
-        with self.tracer.start_as_current_span(f"HTTP {request.method} {request.path}") as span:
+        # A caller's traceparent makes this span a child of the caller's, so a
+        # /publish shows up inside the trace of whatever published it.
+        with self.tracer.start_as_current_span(
+            f"HTTP {request.method} {request.path}",
+            context=context_from_headers(request.headers),
+            kind=SpanKind.SERVER,
+        ) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("url.path", request.path)
             response: web.StreamResponse = await handler(request)
             span.set_attribute("http.response.status_code", response.status)
             return response
 
-    def build_app(self) -> web.Application:
+    def build_app(self, part: str = "all") -> web.Application:
+        """``all``: every route on one port. With an internal port, ``public``
+        is what clients reach (WebSocket, /publish, /client.js, health) and
+        ``internal`` what only operators should (metrics, admin, console)."""
         app = web.Application(
             client_max_size=self.settings.publish_max_bytes + 1024, middlewares=[self._trace_http]
         )
-        app.router.add_post("/publish", self.publish)
-        app.router.add_get("/admin/connections", self.admin_connections)
-        app.router.add_delete("/admin/connections/{conn_id}", self.admin_disconnect)
-        app.router.add_delete("/admin/users/{user}/connections", self.admin_disconnect_user)
-        app.router.add_get("/admin/stats", self.admin_stats)
-        app.router.add_get("/ws", self.handle_ws)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_endpoint)
-        for route in _STATIC_ROUTES:
-            app.router.add_get(route, self.static_file)
+        if part in ("all", "public"):
+            app.router.add_post("/publish", self.publish)
+            app.router.add_get("/ws", self.handle_ws)
+            app.router.add_get("/client.js", self.static_file)
+        if part in ("all", "internal"):
+            app.router.add_get("/admin/connections", self.admin_connections)
+            app.router.add_delete("/admin/connections/{conn_id}", self.admin_disconnect)
+            app.router.add_delete("/admin/users/{user}/connections", self.admin_disconnect_user)
+            app.router.add_get("/admin/stats", self.admin_stats)
+            app.router.add_get("/metrics", self.metrics_endpoint)
+            for route in _STATIC_ROUTES:
+                if route != "/client.js":
+                    app.router.add_get(route, self.static_file)
         return app
 
 
@@ -873,7 +913,10 @@ def _fit_fd_limit(settings: Settings) -> Settings:
         return settings
     usable = max(1, soft - 128)  # Redis connections, log and config files, listeners
     if settings.max_connections > usable:
-        log.warning(
+        # Only a limit someone chose is worth a warning; the default is a
+        # ceiling, and fitting it to a smaller machine is routine.
+        chosen = settings.max_connections != Settings.max_connections
+        (log.warning if chosen else log.info)(
             "max_connections_capped_by_fd_limit",
             configured=settings.max_connections,
             effective=usable,
@@ -883,25 +926,69 @@ def _fit_fd_limit(settings: Settings) -> Settings:
     return settings
 
 
+class ListenError(Exception):
+    """The gateway cannot listen where it was told to (one line for the user)."""
+
+
+def _bind(host: str, port: int, setting: str) -> socket.socket:
+    """A listening socket, made before anything else starts: a port in use
+    then ends the start at once with one line, instead of surfacing only
+    after Redis connections and tasks have been started and torn down."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ListenError(
+            f"cannot listen on {host}: {exc.strerror} (REDIS_WS_GATEWAY_HOST)"
+        ) from None
+    try:
+        sock = socket.create_server(address, family=family, backlog=128)
+    except OSError as exc:
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"port {port} on {host} is already in use (another gateway or demo?): "
+                f"stop it or set {setting}"
+            ) from None
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc} ({setting})") from None
+    sock.setblocking(False)
+    return sock
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain and exit within the shutdown timeout."""
+    """Run until SIGTERM/SIGINT, then drain and exit within the shutdown timeout.
+
+    Raises ListenError, before starting anything, when a port cannot be bound."""
     settings = _fit_fd_limit(settings)
+    public_sock = _bind(settings.host, settings.port, "REDIS_WS_GATEWAY_PORT")
+    internal_sock = (
+        _bind(settings.host, settings.internal_port, "REDIS_WS_GATEWAY_INTERNAL_PORT")
+        if settings.internal_port
+        else None
+    )
     provider = provider_from_env()
     gateway = Gateway(settings, provider)
     await gateway.start()
-    runner = web.AppRunner(
-        gateway.build_app(),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=1.0,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    runners: list[web.AppRunner] = []
+    sites: list[web.SockSite] = []
+    parts = [("all", public_sock)] if internal_sock is None else [
+        ("public", public_sock), ("internal", internal_sock)
+    ]  # fmt: skip
+    for part, sock in parts:
+        runner = web.AppRunner(
+            gateway.build_app(part), handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        runners.append(runner)
+        sites.append(site)
     log.info(
         "listening",
         host=settings.host,
-        port=settings.port,
+        port=public_sock.getsockname()[1],
+        internal_port=internal_sock.getsockname()[1] if internal_sock is not None else None,
         redis=gateway.upstream.address.describe(),
         # Which fan-out loop runs: "c", or "python" when the _fanout
         # extension was not built or NATIVE_WRITES is off.
@@ -915,14 +1002,19 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         ready.set()
     await stop.wait()
     log.info("shutdown_requested")
+    # The listeners stay open while draining: /readyz answers 503 and new
+    # upgrades get 503 "draining", which a probe or a client can act on,
+    # where a closed port only says "refused".
     gateway.draining = True
-    await site.stop()
     try:
         await asyncio.wait_for(gateway.drain(), settings.shutdown_timeout_seconds)
     except TimeoutError:
         log.warning("drain_timeout", remaining=len(gateway.sessions))
+    for site in sites:
+        await site.stop()
     await gateway.stop()
-    await runner.cleanup()
+    for runner in runners:
+        await runner.cleanup()
     if provider is not None:
         provider.shutdown()
     log.info("stopped")
