@@ -646,8 +646,6 @@ KNOWN_TYPOS = {
     "REDIS_WS_GATEWAY_REDIS_URL": "REDIS_URL",
 }
 _NAMESPACE = "REDIS_WS_GATEWAY_"
-# Variables our own tooling sets in the gateway's namespace that are not settings.
-_NOT_SETTINGS = frozenset({"REDIS_WS_GATEWAY_DEMO"})
 
 
 def unknown_setting_warnings(env: Mapping[str, str] | None = None) -> list[str]:
@@ -660,7 +658,7 @@ def unknown_setting_warnings(env: Mapping[str, str] | None = None) -> list[str]:
     known = list(ENV_SETTINGS)
     out = []
     for name in sorted(env):
-        if name in ENV_SETTINGS or name in _NOT_SETTINGS:
+        if name in ENV_SETTINGS:
             continue
         hint = KNOWN_TYPOS.get(name)
         if hint is None:
