@@ -229,9 +229,9 @@ async def test_publish_needs_a_redis_url_and_counts_receivers(
         await c.subscribe("market:tick:X")
         code, out, _ = await _run("publish", "market:tick:X", "{}", REDIS_URL=redis_server.url)
         assert code == 0
-        assert out.strip() == "published to market:tick:X: 1 subscriber received it"
+        assert out.strip() == "published to market:tick:X: 1 Redis subscriber received it"
     code, out, err = await _run("publish", "nobody:here", "{}", REDIS_URL=redis_server.url)
-    assert code == 0 and "0 subscribers" in out and "nobody is subscribed" in err
+    assert code == 0 and "0 Redis subscribers" in out and "no gateway is subscribed" in err
 
 
 async def test_the_sdk_says_why_a_token_is_refused(make_gateway: GatewayFactory) -> None:

@@ -438,7 +438,10 @@ async def test_cli_publish_plain_and_durable(
         code, out, _ = await run_cli(
             "publish", "--redis-url", redis_server.url, "market:tick:X", payload
         )
-        assert code == 0 and out.strip() == "published to market:tick:X: 1 subscriber received it"
+        assert (
+            code == 0
+            and out.strip() == "published to market:tick:X: 1 Redis subscriber received it"
+        )
         frame = await c.next_of_type("data")
         assert frame["data"] == {"ltp": 22450.5}
     path = tmp_path / "decision.json"

@@ -333,12 +333,14 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             print(offset)
         else:
             receivers = publish(client, args.channel, payload, sharded=args.sharded)
-            noun = "subscriber" if receivers == 1 else "subscribers"
+            # Redis counts its own subscribers: gateway processes with a
+            # client on the channel, not the clients themselves.
+            noun = "Redis subscriber" if receivers == 1 else "Redis subscribers"
             print(f"published to {args.channel}: {receivers} {noun} received it")
             if receivers == 0:
                 print(
-                    "publish: nobody is subscribed to it on this Redis (is the gateway "
-                    "using the same REDIS_URL, and has a client subscribed?)",
+                    "publish: no gateway is subscribed to it on this Redis (no client "
+                    "watches the channel, or the gateway uses another REDIS_URL)",
                     file=sys.stderr,
                 )
     except redis.RedisError as exc:
