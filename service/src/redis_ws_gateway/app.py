@@ -2,9 +2,10 @@
 
 Routes only translate between HTTP and the parts: the WebSocket handler turns
 client frames into hub calls after auth, ACL and limit checks; health routes
-report state. Shutdown follows Kubernetes: readiness fails at once, the
-listener closes, clients are told to reconnect (1012) spread over the drain
-window, and the process exits within a bounded time.
+report state. Shutdown follows Kubernetes: readiness fails at once and new
+upgrades are refused with 503 while clients are told to reconnect (1012)
+spread over the drain window; then the listeners close and the process exits
+within a bounded time.
 """
 
 from __future__ import annotations
