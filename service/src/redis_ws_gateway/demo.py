@@ -136,8 +136,11 @@ def _start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
 def _port_problem(port: int) -> str | None:
     """Why the gateway could not listen on ``port``, found before anything starts."""
     with socket.socket() as s:
+        # As the gateway binds: connections of a demo that just stopped,
+        # still in TIME_WAIT, must not count as "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("0.0.0.0", port))
+            s.bind((os.environ.get("REDIS_WS_GATEWAY_HOST", "0.0.0.0"), port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return f"port {port} is already in use (another demo or gateway?): use --port"
