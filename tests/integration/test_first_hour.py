@@ -388,3 +388,37 @@ async def test_exporter_errors_reach_the_log_as_json(redis_server: RedisServer) 
     events = [json.loads(line) for line in lines]  # every line, or this raises
     exporter = [e for e in events if str(e.get("logger", "")).startswith("opentelemetry")]
     assert exporter and exporter[-1]["level"] in ("warning", "error")
+
+
+# --- the demo's own mistakes -------------------------------------------------------
+
+
+async def test_the_demo_refuses_a_redis_url_with_a_bad_port_in_one_line() -> None:
+    code, out, err = await _run(
+        "demo", "--port", str(free_port()), REDIS_URL="redis://127.0.0.1:99999"
+    )
+    assert code == 2 and out == ""
+    [line] = err.strip().splitlines()
+    assert "REDIS_URL" in line and "port" in line
+
+
+async def test_the_demo_says_once_that_redis_is_unreachable() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{closed.getsockname()[1]}"
+        code, out, err = await _run("demo", "--port", str(free_port()), REDIS_URL=url)
+    assert code == 1 and out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"demo: cannot reach REDIS_URL={url}: ")
+
+
+async def test_the_demo_says_its_port_is_in_use_before_starting_anything() -> None:
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, out, err = await _run("demo", "--port", str(port), REDIS_URL="")
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [
+        f"demo: port {port} is already in use (another demo or gateway?): use --port"
+    ]

@@ -185,7 +185,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        port = args.port or load_settings().port
+        # Validated even with --port: a bad REDIS_URL is one line here, not a
+        # traceback from each child process.
+        settings = load_settings()
+        port = args.port or settings.port
     except ConfigError as exc:
         print(f"redis-ws-gateway: {exc}", file=sys.stderr)
         return 2
@@ -195,10 +198,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_demo_publisher(args: argparse.Namespace) -> int:
     from .demo import publish_forever
 
+    import redis
+
     try:
         uvloop.run(publish_forever(args.redis_url, args.rate))
     except KeyboardInterrupt:
         pass
+    except (redis.RedisError, OSError, ValueError) as exc:
+        print(f"demo-publisher: cannot publish to {args.redis_url}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -148,6 +148,22 @@ def _port_problem(port: int) -> str | None:
     return None
 
 
+def _redis_problem(url: str) -> str | None:
+    """Why the Redis at ``url`` cannot serve the demo, or None: found once,
+    here, instead of as a traceback from the publisher and reconnect
+    warnings from the gateway."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=3.0)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        client.close()
+    return None
+
+
 def _wait_listening(
     proc: subprocess.Popen[Any], port: int, timeout: float, stopped: Callable[[], bool]
 ) -> bool:
@@ -181,6 +197,9 @@ def run_demo(port: int) -> int:
     procs: list[subprocess.Popen[Any]] = []
     redis_url = os.environ.get("REDIS_URL")
     data_dir = None
+    if redis_url and (problem := _redis_problem(redis_url)) is not None:
+        print(f"demo: cannot reach REDIS_URL={redis_url}: {problem}", file=sys.stderr)
+        return 1
     if not redis_url:
         redis_proc, redis_url, data_dir = _start_redis()
         procs.append(redis_proc)

@@ -62,8 +62,8 @@ def check_env(env: Mapping[str, str] | None = None) -> tuple[str, str]:
             raise ConfigError(
                 name,
                 protocol,
-                "needs the opentelemetry-exporter-otlp-proto-grpc package installed "
-                "next to the gateway; or use http/protobuf",
+                "needs the opentelemetry-exporter-otlp-proto-grpc package "
+                "(pip install 'redis-ws-gateway[otlp-grpc]'); or use http/protobuf",
             )
     return exporter, protocol
 
