@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import structlog
@@ -792,7 +792,7 @@ class Gateway:
             span.set_attribute("http.response.status_code", response.status)
             return response
 
-    def build_app(self, part: str = "all") -> web.Application:
+    def build_app(self, part: Literal["all", "public", "internal"] = "all") -> web.Application:
         """``all``: every route on one port. With an internal port, ``public``
         is what clients reach (WebSocket, /publish, /client.js, health) and
         ``internal`` what only operators should (metrics, admin, console)."""
@@ -973,9 +973,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await gateway.start()
     runners: list[web.AppRunner] = []
     sites: list[web.SockSite] = []
-    parts = [("all", public_sock)] if internal_sock is None else [
-        ("public", public_sock), ("internal", internal_sock)
-    ]  # fmt: skip
+    parts: list[tuple[Literal["all", "public", "internal"], socket.socket]] = (
+        [("all", public_sock)]
+        if internal_sock is None
+        else [("public", public_sock), ("internal", internal_sock)]
+    )
     for part, sock in parts:
         runner = web.AppRunner(
             gateway.build_app(part), handle_signals=False, access_log=None, shutdown_timeout=1.0

@@ -196,9 +196,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_publisher(args: argparse.Namespace) -> int:
-    from .demo import publish_forever
-
     import redis
+
+    from .demo import publish_forever
 
     try:
         uvloop.run(publish_forever(args.redis_url, args.rate))
