@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -25,6 +25,8 @@ STATIC = REPO_ROOT / "service" / "src" / "redis_ws_gateway" / "static"
 # Generous: a loaded CI machine starts chromium slowly, and waits end as soon
 # as their condition holds.
 WAIT_MS = 15_000
+# expect() has its own default (5 s), which page.set_default_timeout does not change.
+expect.set_options(timeout=WAIT_MS)
 
 
 @pytest.fixture
