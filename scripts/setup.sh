@@ -38,6 +38,9 @@ begin() { step=$((step + 1)); log "[$step/$steps] $*"; }
 # --- Debian packages ---------------------------------------------------------
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Debian's own python3 makes venvs only with python3-venv installed.
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -c "import ensurepip" >/dev/null 2>&1 \
+  || need_apt+=(python3-venv)
 if [ "$mode" = test ]; then
   command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
   command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
@@ -86,7 +89,7 @@ fi
 if [ -f "$stamp" ] || [ -f "$dev_stamp" ]; then
   begin ".venv: $what already installed"
 else
-  begin "creating .venv and installing $what (pip)"
+  begin "creating .venv and installing $what (pip; under a minute on a fresh machine)"
   if [ "$dry" != 1 ]; then
     [ -x .venv/bin/python ] || "$PY" -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check -e "$spec"
