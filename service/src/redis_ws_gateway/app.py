@@ -978,15 +978,23 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         if internal_sock is None
         else [("public", public_sock), ("internal", internal_sock)]
     )
-    for part, sock in parts:
-        runner = web.AppRunner(
-            gateway.build_app(part), handle_signals=False, access_log=None, shutdown_timeout=1.0
-        )
-        await runner.setup()
-        site = web.SockSite(runner, sock)
-        await site.start()
-        runners.append(runner)
-        sites.append(site)
+    try:
+        for part, sock in parts:
+            runner = web.AppRunner(
+                gateway.build_app(part), handle_signals=False, access_log=None, shutdown_timeout=1.0
+            )
+            await runner.setup()
+            runners.append(runner)
+            site = web.SockSite(runner, sock)
+            await site.start()
+            sites.append(site)
+    except BaseException:
+        # Stopped in order, so the error surfaces now rather than after
+        # asyncio.run has cancelled tasks that were never told to stop.
+        await gateway.stop()
+        for runner in runners:
+            await runner.cleanup()
+        raise
     log.info(
         "listening",
         host=settings.host,
