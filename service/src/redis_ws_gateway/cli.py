@@ -306,15 +306,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.sharded and args.durable:
+        print("publish: --sharded is for pub/sub channels, not --durable ones", file=sys.stderr)
+        return 2
     if not args.redis_url:
         # No silent default: a message sent to some other Redis is lost without a trace.
         print(
             "publish: which Redis? pass --redis-url redis://HOST:PORT or set REDIS_URL",
             file=sys.stderr,
         )
-        return 2
-    if args.sharded and args.durable:
-        print("publish: --sharded is for pub/sub channels, not --durable ones", file=sys.stderr)
         return 2
     # The bytes go out as written: the gateway forwards valid JSON byte for
     # byte, so re-encoding would only change number formatting.
