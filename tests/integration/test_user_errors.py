@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from redis_ws_gateway import app as app_module
-from redis_ws_gateway.client import GatewayClient, HandshakeRefused
+from redis_ws_gateway.client import GatewayClient, HandshakeRefused, ServerError
 from redis_ws_gateway.sdk import ResilientClient
 from tests.conftest import GatewayFactory
 from tests.support.cli import run_cli
@@ -273,6 +273,25 @@ async def test_a_refused_handshake_is_logged_with_its_reason(redis_server: Redis
     ]
     assert all(e["level"] == "warning" for e in refused)
     assert "wrong" not in "\n".join(lines)
+
+
+async def test_a_failed_auth_frame_is_logged_with_its_reason(redis_server: RedisServer) -> None:
+    port = free_port()
+    proc = await spawn_gateway(
+        redis_server.url, port, stderr=asyncio.subprocess.PIPE, ready=False,
+        REQUIRE_AUTH="true", GATEWAY_API_KEY=KEY,
+    )  # fmt: skip
+    try:
+        await _read_until(proc.stderr, lambda line: '"listening"' in line)
+        async with GatewayClient(f"ws://127.0.0.1:{port}/ws") as c:
+            with pytest.raises(ServerError):
+                await c.auth("not-the-key")
+        lines = await _read_until(proc.stderr, lambda line: '"auth_refused"' in line)
+    finally:
+        await _stop(proc)
+    [refused] = [e for e in _events(lines) if e["event"] == "auth_refused"]
+    assert refused["detail"] == "invalid credential" and refused["level"] == "warning"
+    assert refused["conn"] and "not-the-key" not in "\n".join(lines)
 
 
 class _Recorder:

@@ -406,24 +406,26 @@ class Gateway:
 
     def _log_refusal(self, status: int, reason: str, text: str) -> None:
         """A browser shows only a failed upgrade, so the log is where an
-        operator learns why; a bucket bounds what a flood of bad handshakes
-        can write, and the next line that gets through counts the rest."""
+        operator learns why."""
+        self._log_limited("handshake_refused", status=status, reason=reason, detail=text)
+
+    def _log_limited(self, event: str, **fields: Any) -> None:
+        """Refusals share one bucket, so a flood of bad handshakes or auth
+        frames cannot fill the disk; the next line that gets through counts
+        the ones left out."""
         if not self._refusal_log.take():
             self._refusals_unlogged += 1
             return
-        log.warning(
-            "handshake_refused",
-            status=status,
-            reason=reason,
-            detail=text,
-            unlogged_since_last=self._refusals_unlogged,
-        )
+        log.warning(event, **fields, unlogged_since_last=self._refusals_unlogged)
         self._refusals_unlogged = 0
 
     def _client_error(self, session: Session, exc: GatewayError) -> None:
         self.metrics.client_errors.labels(exc.code).inc()
         if exc.code == "unauthorized":
             self.metrics.auth_failures.labels(_auth_reason(str(exc))).inc()
+            # An in-band login (the auth frame) that fails is as invisible to
+            # the operator as a refused handshake.
+            self._log_limited("auth_refused", conn=session.id, detail=str(exc))
         session.send_control(protocol.error_message(exc))
 
     async def metrics_endpoint(self, _: web.Request) -> web.Response:
