@@ -47,6 +47,8 @@ def test_typos_and_unknown_names_in_the_namespace_are_warned() -> None:
 
 def test_an_ordinary_environment_gives_no_warnings() -> None:
     env = {name: "1" for name in ENV_SETTINGS} | {"PATH": "/bin", "LANG": "C.UTF-8", "TERM": "x"}
+    # Kubernetes service links for a Service named redis.
+    env |= {"REDIS_PORT": "tcp://10.0.0.7:6379", "REDIS_PORT_6379_TCP": "tcp://10.0.0.7:6379"}
     assert unknown_setting_warnings(env) == []
 
 

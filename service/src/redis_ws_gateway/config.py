@@ -660,6 +660,10 @@ def unknown_setting_warnings(env: Mapping[str, str] | None = None) -> list[str]:
     for name in sorted(env):
         if name in ENV_SETTINGS:
             continue
+        if env[name].startswith("tcp://"):
+            # A Kubernetes service link (REDIS_PORT=tcp://10.0.0.7:6379 for a
+            # Service named redis), not something a person set.
+            continue
         hint = KNOWN_TYPOS.get(name)
         if hint is None:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.88)
