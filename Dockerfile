@@ -64,7 +64,9 @@ LABEL org.opencontainers.image.title="redis-ws-gateway" \
       org.opencontainers.image.description="Forwards Redis pub/sub and Redis Streams to WebSocket clients"
 
 USER 10001:10001
-EXPOSE 8889
+# 8889: /ws, /publish, health. 9090: metrics, admin, console, when
+# REDIS_WS_GATEWAY_INTERNAL_PORT is set (the chart sets it).
+EXPOSE 8889 9090
 
 # No HEALTHCHECK: Kubernetes ignores it and probes /healthz and /readyz itself.
 ENTRYPOINT ["/usr/bin/tini", "--"]

@@ -8,13 +8,18 @@ IMAGE ?= redis-ws-gateway:dev
 KIND_CLUSTER ?= redis-ws-gateway
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit integration chart-test e2e-local e2e kind-up kind-down image deploy bench clean
+.PHONY: setup setup-demo demo test lint unit integration chart-test e2e-local e2e kind-up kind-down image deploy bench clean
 
+# Everything `make test` needs (dev tools, helm, chromium, haproxy).
 setup:
-	@scripts/setup.sh
+	@scripts/setup.sh test
 
-demo: setup
-	@$(VENV)/bin/redis-ws-gateway demo
+# Only what the demo runs: redis-server and the package. No Go, no browser.
+setup-demo:
+	@scripts/setup.sh demo
+
+demo: setup-demo
+	@$(VENV)/bin/redis-ws-gateway demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check service tests scripts

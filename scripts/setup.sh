@@ -1,61 +1,123 @@
 #!/usr/bin/env bash
-# Installs everything the project needs on a fresh Debian machine, and nothing
-# twice: redis-server and haproxy (Debian's packages), the Python venv in
-# .venv with the package and its dev tools, and helm (built from the Go
-# module proxy into .tools/bin). Safe to run again; each step is skipped when
-# already done.
+# Installs what the project needs on a fresh Debian machine, and nothing
+# twice. Two sets:
+#
+#   scripts/setup.sh demo   what `make demo` runs: redis-server (Debian's
+#                           package) and the package itself in .venv
+#   scripts/setup.sh test   (the default) everything `make test` needs besides:
+#                           redis-tools and redis-sentinel, haproxy (the local
+#                           e2e suite), a C compiler for the package's
+#                           extensions, the dev tools in .venv (ruff, mypy,
+#                           pytest, playwright, ...), chromium (browser tests)
+#                           and helm, built from the Go module proxy into
+#                           .tools/bin (needs Go)
+#
+# Each step says what it does, or that it is already done. Safe to run again.
+#
+# Environment:
+#   PYTHON=python3.11  the interpreter the venv is made from (default python3)
+#   SETUP_BROWSER=0    test set without chromium (its tests then skip)
+#   SETUP_HELM=0       test set without helm (the chart tests then skip)
+#   SETUP_DRY_RUN=1    print each step and whether it would run; change nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+mode=${1:-test}
+case "$mode" in
+  demo|test) ;;
+  *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
+dry=${SETUP_DRY_RUN:-0}
 log() { printf 'setup: %s\n' "$*" >&2; }
+started=$SECONDS
+step=0
+steps=2
+[ "$mode" = test ] && steps=3
+begin() { step=$((step + 1)); log "[$step/$steps] $*"; }
 
+# --- Debian packages ---------------------------------------------------------
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
-command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
-# The local e2e suite (tests/e2e) puts HAProxy in front of several gateways.
-# Debian installs it in /usr/sbin, which is not on a normal user's PATH.
-command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
-# The package's C extension (the fan-out loop) needs a compiler and the
-# interpreter's headers.
-command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
-"${PYTHON:-python3}" - <<'PYEOF' || need_apt+=(python3-dev)
+# Debian's own python3 makes venvs only with python3-venv installed.
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -c "import ensurepip" >/dev/null 2>&1 \
+  || need_apt+=(python3-venv)
+if [ "$mode" = test ]; then
+  command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+  command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+  # The local e2e suite (tests/e2e) puts HAProxy in front of several gateways.
+  # Debian installs it in /usr/sbin, which is not on a normal user's PATH.
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+  # The package's C extensions (the fan-out loop) need a compiler and the
+  # interpreter's headers; the demo installs without them when they are
+  # missing and runs the same loop in Python.
+  command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+  "${PYTHON:-python3}" - <<'PYEOF' || need_apt+=(python3-dev)
 import os, sys, sysconfig
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
 PYEOF
-if [ "${SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
-  need_apt+=(chromium)
+  if [ "${SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    need_apt+=(chromium)
+  fi
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing Debian packages: ${need_apt[*]}"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  begin "installing Debian packages: ${need_apt[*]} (apt; the slow part on a fresh machine)"
+  if [ "$dry" != 1 ]; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  fi
+else
+  begin "Debian packages: already installed"
 fi
 # Debian starts a system redis-server on 6379 when it installs the package; the
-# tests start their own on free ports, so that one is harmless but unneeded.
+# demo and the tests start their own on free ports, so that one is harmless.
 
+# --- the Python package --------------------------------------------------------
 PY=${PYTHON:-python3}
 # The editable install builds the C extension into the source tree, so its
 # source and setup.py are part of what a change must reinstall.
-stamp=.venv/.installed-$(cat service/pyproject.toml service/setup.py service/src/redis_ws_gateway/*.c | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ]; then
-  log "creating .venv and installing the package with its dev tools"
-  [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e "service[dev]"
-  rm -f .venv/.installed-*
-  touch "$stamp"
+hash=$(cat service/pyproject.toml service/setup.py service/src/redis_ws_gateway/*.c | sha256sum | cut -c1-16)
+dev_stamp=.venv/.installed-dev-$hash
+runtime_stamp=.venv/.installed-runtime-$hash
+if [ "$mode" = test ]; then
+  stamp=$dev_stamp; spec="service[dev]"; what="the package with its dev tools"
+else
+  stamp=$runtime_stamp; spec="service"; what="the package"
+fi
+# The dev install holds everything the runtime one does.
+if [ -f "$stamp" ] || [ -f "$dev_stamp" ]; then
+  begin ".venv: $what already installed"
+else
+  begin "creating .venv and installing $what (pip; under a minute on a fresh machine)"
+  if [ "$dry" != 1 ]; then
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check -e "$spec"
+    if [ "$mode" = test ]; then rm -f .venv/.installed-*; fi
+    touch "$stamp"
+  fi
 fi
 
-HELM_VERSION=v3.22.0
-# `go install` builds carry no version string, so a stamp records which one.
-if [ "${SETUP_HELM:-1}" = 1 ] && { [ ! -x .tools/bin/helm ] || [ "$(cat .tools/helm-version 2>/dev/null)" != "$HELM_VERSION" ]; }; then
-  command -v go >/dev/null 2>&1 || { log "go is required to build helm"; exit 1; }
-  log "building helm $HELM_VERSION from the Go module proxy (first time only, a few minutes)"
-  mkdir -p .tools/bin
-  GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-  echo "$HELM_VERSION" > .tools/helm-version
+# --- helm (test set only) --------------------------------------------------------
+if [ "$mode" = test ]; then
+  HELM_VERSION=v3.22.0
+  # `go install` builds carry no version string, so a stamp records which one.
+  if [ "${SETUP_HELM:-1}" != 1 ]; then
+    begin "helm: skipped (SETUP_HELM=0; the chart tests will skip)"
+  elif [ -x .tools/bin/helm ] && [ "$(cat .tools/helm-version 2>/dev/null)" = "$HELM_VERSION" ]; then
+    begin "helm $HELM_VERSION: already built"
+  else
+    begin "building helm $HELM_VERSION from the Go module proxy (first time only, a few minutes)"
+    if [ "$dry" != 1 ]; then
+      command -v go >/dev/null 2>&1 || {
+        log "go is required to build helm for the chart tests: install Go, or run with"
+        log "SETUP_HELM=0 (the chart tests then skip). \`make demo\` does not need it."
+        exit 1
+      }
+      mkdir -p .tools/bin
+      GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+      echo "$HELM_VERSION" > .tools/helm-version
+    fi
+  fi
 fi
-log "ready"
+log "ready for \`make $mode\` ($((SECONDS - started)) s)"

@@ -158,8 +158,24 @@ rotate credentials under running clients. lookup returns nothing under
 
 {{- define "redis-ws-gateway.gracePeriod" -}}
 {{- $s := .Values.shutdown }}
-{{- $drain := add (int $s.drainWindowSeconds) (int $s.graceMarginSeconds) }}
-{{- add (int $s.preStopSleepSeconds) (max $drain (int $s.shutdownTimeoutSeconds)) }}
+{{- $bound := max (int $s.drainWindowSeconds) (int $s.shutdownTimeoutSeconds) }}
+{{- add (int $s.preStopSleepSeconds) $bound (int $s.graceMarginSeconds) }}
+{{- end }}
+
+{{/*
+Exposed (Ingress or HTTPRoute) with no authentication and an anonymous role
+that may read every channel: refused unless acknowledged, because the
+defaults would otherwise publish every channel to the internet.
+*/}}
+{{- define "redis-ws-gateway.checkExposure" -}}
+{{- $v := .Values }}
+{{- if and (or $v.ingress.enabled $v.httpRoute.enabled) (not $v.gateway.requireAuth) (not $v.gateway.acknowledgeAnonymousFullAccess) }}
+{{- $roles := $v.config.roles | default (dict "admin" (dict "allow" (list "*")) "user" (dict "allow" (list "*"))) }}
+{{- $role := index $roles $v.gateway.defaultRole | default dict }}
+{{- if has "*" ($role.allow | default list) }}
+{{- fail (printf "exposed through ingress/httpRoute with gateway.requireAuth=false, and anonymous clients get role %q, which allows \"*\": anyone could read every channel. Set gateway.requireAuth=true, or a gateway.defaultRole whose config.roles allow list is narrower, or gateway.acknowledgeAnonymousFullAccess=true if this is intended (docs/OPERATIONS.md, \"Exposing the gateway\")" $v.gateway.defaultRole) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -171,11 +187,16 @@ key by key from the pod, so the two cannot drift apart.
 {{- if lt (int $v.shutdown.shutdownTimeoutSeconds) (int $v.shutdown.drainWindowSeconds) }}
 {{- fail "shutdown.shutdownTimeoutSeconds must not be shorter than shutdown.drainWindowSeconds" }}
 {{- end }}
+{{- include "redis-ws-gateway.checkExposure" . }}
 {{- if and $v.config.roles (not (hasKey $v.config.roles $v.gateway.defaultRole)) }}
 {{- fail (printf "gateway.defaultRole %q is not one of config.roles (%s)" $v.gateway.defaultRole (keys $v.config.roles | sortAlpha | join ", ")) }}
 {{- end }}
 REDIS_WS_GATEWAY_HOST: "0.0.0.0"
 REDIS_WS_GATEWAY_PORT: {{ $v.containerPort | int | toString | quote }}
+{{- if eq (int $v.internalPort) (int $v.containerPort) }}
+{{- fail "internalPort must differ from containerPort" }}
+{{- end }}
+REDIS_WS_GATEWAY_INTERNAL_PORT: {{ $v.internalPort | int | toString | quote }}
 REDIS_WS_GATEWAY_CONFIG: {{ include "redis-ws-gateway.configPath" . | quote }}
 REDIS_URL: {{ include "redis-ws-gateway.redisUrl" . | quote }}
 REQUIRE_AUTH: {{ $v.gateway.requireAuth | quote }}
@@ -183,6 +204,9 @@ DEFAULT_ROLE: {{ $v.gateway.defaultRole | quote }}
 MAX_CHANNELS_PER_CLIENT: {{ $v.gateway.maxChannelsPerClient | int | toString | quote }}
 MAX_WILDCARD_SUBSCRIPTIONS: {{ $v.gateway.maxWildcardSubscriptions | int | toString | quote }}
 MAX_CONNECTION_AGE_SECONDS: {{ $v.gateway.maxConnectionAgeSeconds | int | toString | quote }}
+{{- with $v.gateway.allowedOrigins }}
+ALLOWED_ORIGINS: {{ join "," . | quote }}
+{{- end }}
 {{- with $v.externalRedis }}
 {{- if and .shardedChannels (or $v.redis.enabled (not .clusterNodes)) }}
 {{- fail "externalRedis.shardedChannels needs externalRedis.clusterNodes (and redis.enabled=false)" }}

@@ -57,6 +57,9 @@ DEV_EXTRAS = [
     "httpRoute.parentRefs[0].name=public",
     "--set",
     "httpRoute.hostnames[0]=gateway.example.com",
+    # A dev route with anonymous full access, on purpose.
+    "--set",
+    "gateway.acknowledgeAnonymousFullAccess=true",
 ]
 
 
@@ -254,10 +257,17 @@ def test_object_names_are_unique_per_kind(rendered: list[Manifest]) -> None:
 # ----------------------------------------------------------------- probes
 
 
-def test_probes_use_health_endpoints_on_the_container_port(rendered: list[Manifest]) -> None:
+def test_probes_use_health_endpoints_on_the_internal_port(rendered: list[Manifest]) -> None:
+    """On the internal port, which takes no client sockets: a flood of
+    handshakes on the public port, refused at its caps, cannot fail the
+    probes and get a pod killed (docs/SECURITY.md)."""
     container = gateway_container(rendered)
     port = int(settings(rendered)["REDIS_WS_GATEWAY_PORT"])
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    internal = int(settings(rendered)["REDIS_WS_GATEWAY_INTERNAL_PORT"])
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("http", port),
+        ("internal", internal),
+    ]
     expected = {
         "livenessProbe": "/healthz",
         "readinessProbe": "/readyz",
@@ -266,15 +276,16 @@ def test_probes_use_health_endpoints_on_the_container_port(rendered: list[Manife
     for probe, path in expected.items():
         http_get = container[probe]["httpGet"]
         assert http_get["path"] == path, probe
-        assert resolve_port(container, http_get["port"]) == port, probe
+        assert resolve_port(container, http_get["port"]) == internal, probe
 
 
-def test_container_port_moves_probes_and_service_together(helm: Helm) -> None:
-    manifests = render(helm, "--set", "containerPort=9100")
+def test_container_ports_move_probes_and_service_together(helm: Helm) -> None:
+    manifests = render(helm, "--set", "containerPort=9100", "--set", "internalPort=9200")
     container = gateway_container(manifests)
     assert settings(manifests)["REDIS_WS_GATEWAY_PORT"] == "9100"
+    assert settings(manifests)["REDIS_WS_GATEWAY_INTERNAL_PORT"] == "9200"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert resolve_port(container, container[probe]["httpGet"]["port"]) == 9100
+        assert resolve_port(container, container[probe]["httpGet"]["port"]) == 9200
     service_port = one(manifests, "Service", FULLNAME)["spec"]["ports"][0]
     assert resolve_port(container, service_port["targetPort"]) == 9100
 
@@ -521,6 +532,12 @@ INCONSISTENT_VALUES = {
         ],
         "shardedChannels needs externalRedis.clusterNodes",
     ),
+    "ingress-anonymous-wildcard": (["ingress.enabled=true"], "anyone could read every channel"),
+    "route-anonymous-wildcard": (
+        ["httpRoute.enabled=true", "httpRoute.parentRefs[0].name=public"],
+        "gateway.acknowledgeAnonymousFullAccess=true",
+    ),
+    "internal-port-is-public-port": (["internalPort=8889"], "internalPort must differ"),
     "hpa-min-above-max": (
         ["autoscaling.enabled=true", "autoscaling.minReplicas=5", "autoscaling.maxReplicas=2"],
         "minReplicas must not exceed",
@@ -781,3 +798,104 @@ def test_external_redis_sentinel_tls_and_acl_user_reach_the_gateway(helm: Helm) 
     assert mounts["redis-client"] == "/etc/redis-ws-gateway/redis-client"
     for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
         assert env[name].startswith(tuple(mounts.values()))
+
+
+# ------------------------------------------------------- exposed installs
+
+
+def exposed_values(tmp_path: Path) -> Path:
+    """The values block docs/OPERATIONS.md shows for an install reachable from
+    the internet, written to a file as a reader would copy it."""
+    doc = (REPO / "docs" / "OPERATIONS.md").read_text()
+    marker = "<!-- exposed-values: rendered by tests/chart/test_chart.py -->"
+    assert marker in doc
+    block = doc.split(marker, 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "values-exposed.yaml"
+    path.write_text(block)
+    return path
+
+
+def test_the_documented_exposed_install_renders_safely(helm: Helm, tmp_path: Path) -> None:
+    manifests = render(helm, "-f", str(exposed_values(tmp_path)))
+    env = settings(manifests)
+    assert env["REQUIRE_AUTH"] == "true"
+    assert env["ALLOWED_ORIGINS"] == "https://ui.example.com"
+    container = gateway_container(manifests)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["internal"] == int(env["REDIS_WS_GATEWAY_INTERNAL_PORT"]) != ports["http"]
+    public = one(manifests, "Service", FULLNAME)
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"]
+    ingress = one(manifests, "Ingress")
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            assert path["backend"]["service"] == {"name": FULLNAME, "port": {"name": "http"}}
+    monitor = one(manifests, "ServiceMonitor")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["internal"]
+
+
+def test_the_internal_port_is_never_on_a_public_service(helm: Helm) -> None:
+    manifests = render(
+        helm,
+        "--set", "service.type=LoadBalancer",
+        "--set", "ingress.enabled=true",
+        "--set", "gateway.requireAuth=true",
+    )  # fmt: skip
+    internal = one(manifests, "Service", f"{FULLNAME}-internal")
+    assert internal["spec"]["type"] == "ClusterIP"
+    assert [p["targetPort"] for p in internal["spec"]["ports"]] == ["internal"]
+    public = one(manifests, "Service", FULLNAME)
+    assert public["spec"]["type"] == "LoadBalancer"
+    assert all(p["targetPort"] == "http" for p in public["spec"]["ports"])
+    assert selects(
+        internal["spec"]["selector"],
+        gateway_deployment(manifests)["spec"]["template"]["metadata"]["labels"],
+    )
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["ingress.enabled=true", "gateway.acknowledgeAnonymousFullAccess=true"],
+        ["ingress.enabled=true", "gateway.requireAuth=true"],
+        ["ingress.enabled=true", "config.roles.user.allow[0]=market:*"],
+    ],
+    ids=["acknowledged", "auth-required", "narrow-anonymous-role"],
+)
+def test_an_exposed_install_renders_once_open_access_is_addressed(
+    helm: Helm, sets: list[str]
+) -> None:
+    proc = template(helm, *(arg for value in sets for arg in ("--set", value)))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_allowed_origins_is_a_first_class_value(helm: Helm) -> None:
+    manifests = render(
+        helm,
+        "--set", "gateway.allowedOrigins[0]=https://ui.example.com",
+        "--set", "gateway.allowedOrigins[1]=https://ops.example.com:8443",
+    )  # fmt: skip
+    assert settings(manifests)["ALLOWED_ORIGINS"] == (
+        "https://ui.example.com,https://ops.example.com:8443"
+    )
+    assert "ALLOWED_ORIGINS" not in settings(render(helm))
+    proc = template(helm, "--set", "gateway.allowedOrigins[0]=https://ui.example.com/app")
+    assert proc.returncode != 0 and SCHEMA_ERROR in proc.stderr
+
+
+@pytest.mark.parametrize("values", [None, PRODUCTION_VALUES], ids=["default", "production"])
+def test_grace_period_leaves_a_margin_past_the_shutdown_timeout(
+    helm: Helm, values: Path | None
+) -> None:
+    manifests = render(helm, *(["-f", str(values)] if values else []))
+    pod = gateway_deployment(manifests)["spec"]["template"]["spec"]
+    pre_stop = int(gateway_container(manifests)["lifecycle"]["preStop"]["exec"]["command"][1])
+    hard_bound = float(settings(manifests)["SHUTDOWN_TIMEOUT_SECONDS"])
+    # The gateway's exit after its bound (closing Redis, the runners) takes
+    # time too: SIGKILL exactly at the bound would cut it.
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + hard_bound + 5
+
+
+def test_otlp_protocols_the_image_cannot_speak_are_refused_by_the_schema(helm: Helm) -> None:
+    for protocol in ("grpc", "http/json"):
+        proc = template(helm, "--set", f"tracing.otlpProtocol={protocol}")
+        assert proc.returncode != 0 and SCHEMA_ERROR in proc.stderr

@@ -152,6 +152,31 @@ async def test_spans_for_connect_subscribe_publish_upstream_and_linked_delivery(
         assert KEY not in str(span.attributes)
 
 
+async def test_a_traceparent_header_on_publish_continues_the_callers_trace(
+    traced: tuple[RunningGateway, InMemorySpanExporter],
+) -> None:
+    gw, exporter = traced
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gw.http + "/publish",
+            json={"channel": "engine:signal:X", "data": 1},
+            headers={"Authorization": f"Bearer {KEY}", "traceparent": f"00-{trace_id}-{parent}-01"},
+        ) as resp:
+            assert resp.status == 200
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "HTTP POST /publish"]
+    assert format(span.context.trace_id, "032x") == trace_id
+    assert span.parent is not None and format(span.parent.span_id, "016x") == parent
+
+
+async def test_process_metrics_are_exported(gateway: RunningGateway) -> None:
+    text = await scrape(gateway)
+    assert value(text, "process_resident_memory_bytes") > 1_000_000
+    assert value(text, "process_open_fds") >= 3
+    assert value(text, "process_max_fds") >= value(text, "process_open_fds")
+    assert value(text, "process_cpu_seconds_total") > 0
+
+
 async def test_tracing_is_off_without_otel_settings() -> None:
     from redis_ws_gateway.tracing import provider_from_env
 

@@ -438,7 +438,10 @@ async def test_cli_publish_plain_and_durable(
         code, out, _ = await run_cli(
             "publish", "--redis-url", redis_server.url, "market:tick:X", payload
         )
-        assert code == 0 and out.strip() == "1"
+        assert (
+            code == 0
+            and out.strip() == "published to market:tick:X: 1 Redis subscriber received it"
+        )
         frame = await c.next_of_type("data")
         assert frame["data"] == {"ltp": 22450.5}
     path = tmp_path / "decision.json"
@@ -474,4 +477,4 @@ async def test_cli_ping_prints_latency_percentiles(gateway: RunningGateway) -> N
 
 async def test_cli_ping_reports_an_unreachable_gateway() -> None:
     code, _, err = await run_cli("ping", "ws://127.0.0.1:9/ws", "--count", "1")
-    assert code == 1 and "ping: failed" in err
+    assert code == 1 and "ping: cannot connect to ws://127.0.0.1:9/ws" in err

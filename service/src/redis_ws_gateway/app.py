@@ -2,15 +2,17 @@
 
 Routes only translate between HTTP and the parts: the WebSocket handler turns
 client frames into hub calls after auth, ACL and limit checks; health routes
-report state. Shutdown follows Kubernetes: readiness fails at once, the
-listener closes, clients are told to reconnect (1012) spread over the drain
-window, and the process exits within a bounded time.
+report state. Shutdown follows Kubernetes: readiness fails at once and new
+upgrades are refused with 503 while clients are told to reconnect (1012)
+spread over the drain window; then the listeners close and the process exits
+within a bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import itertools
 import os
 import random
@@ -20,13 +22,14 @@ import socket
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import structlog
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -53,7 +56,7 @@ from .redis_conn import MasterLocator, tls_context
 from .session import Session
 from .sharded import ShardedUpstream
 from .snapshots import Snapshots
-from .tracing import provider_from_env, tracer_for
+from .tracing import context_from_headers, provider_from_env, tracer_for
 from .upstream import Upstream
 
 log = structlog.get_logger("redis_ws_gateway.app")
@@ -66,6 +69,10 @@ CLOSE_SERVER_ERROR = 1011
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_RATE_LIMITED = 4029
 SUBPROTOCOL = "rwg.v1"
+REFUSAL_HEADER = "X-Refusal-Reason"
+# Refused handshakes logged per second (and at once) before lines are only counted.
+REFUSAL_LOG_PER_SECOND = 5.0
+REFUSAL_LOG_BURST = 20
 TOKEN_PROTOCOL_PREFIX = "bearer."
 
 
@@ -133,6 +140,8 @@ class Gateway:
         self._refused: set[_Refused] = set()
         # Whether sockets are counted from accept (served through runner()).
         self._counting = False
+        self._refusal_log = TokenBucket(REFUSAL_LOG_PER_SECOND, REFUSAL_LOG_BURST)
+        self._refusals_unlogged = 0
         # Last: its collector reads the state above.
         self.metrics = Metrics(self)
         self.hub.observe_processing = self.metrics.processing.observe
@@ -426,13 +435,19 @@ class Gateway:
 
     # --- sockets before their upgrade --------------------------------------
 
-    def runner(self) -> web.AppRunner:
-        """The aiohttp runner for this gateway's routes, with its sockets
-        counted from accept (socket_opened/socket_closed)."""
+    def runner(self, part: Literal["all", "public", "internal"] = "all") -> web.AppRunner:
+        """The aiohttp runner for ``part`` of this gateway's routes (see
+        build_app). Where clients connect, sockets are counted from accept
+        (socket_opened/socket_closed); the internal port is for operators and
+        probes, and no flood of client sockets can lock them out of it."""
+        if part == "internal":
+            return web.AppRunner(
+                self.build_app(part), handle_signals=False, access_log=None, shutdown_timeout=1.0
+            )
         self._counting = True
         return _GatewayRunner(
             self,
-            self.build_app(),
+            self.build_app(part),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=1.0,
@@ -461,6 +476,7 @@ class Gateway:
         else:
             label = "limit_ip" if status == 429 else "limit_total"
         self.metrics.rejected.labels(label).inc()
+        self._log_refusal(status, label, refusal)
         # Next in the loop, once aiohttp's handler has started: it is then
         # let go of like an upgraded connection's (detach()).
         asyncio.get_running_loop().call_soon(self._refuse, handler, transport, status, refusal)
@@ -503,6 +519,12 @@ class Gateway:
         accept: a slowloris client, or one too slow to serve."""
         self._deadlines.pop(handler, None)
         self.metrics.rejected.labels("handshake_timeout").inc()
+        self._log_limited(
+            "handshake_refused",
+            status=None,
+            reason="handshake_timeout",
+            detail="no complete request head in time",
+        )
         handler.force_close()
 
     @web.middleware
@@ -514,12 +536,33 @@ class Gateway:
 
     def _reject(self, status: int, reason: str, text: str) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
-        return web.Response(status=status, text=f"{text}\n")
+        self._log_refusal(status, reason, text)
+        # A WebSocket client library seldom exposes the body of a refused
+        # upgrade; the header carries the same reason to it.
+        return web.Response(status=status, text=f"{text}\n", headers={REFUSAL_HEADER: text})
+
+    def _log_refusal(self, status: int, reason: str, text: str) -> None:
+        """A browser shows only a failed upgrade, so the log is where an
+        operator learns why."""
+        self._log_limited("handshake_refused", status=status, reason=reason, detail=text)
+
+    def _log_limited(self, event: str, **fields: Any) -> None:
+        """Refusals share one bucket, so a flood of bad handshakes or auth
+        frames cannot fill the disk; the next line that gets through counts
+        the ones left out."""
+        if not self._refusal_log.take():
+            self._refusals_unlogged += 1
+            return
+        log.warning(event, **fields, unlogged_since_last=self._refusals_unlogged)
+        self._refusals_unlogged = 0
 
     def _client_error(self, session: Session, exc: GatewayError) -> None:
         self.metrics.client_errors.labels(exc.code).inc()
         if exc.code == "unauthorized":
             self.metrics.auth_failures.labels(_auth_reason(str(exc))).inc()
+            # An in-band login (the auth frame) that fails is as invisible to
+            # the operator as a refused handshake.
+            self._log_limited("auth_refused", conn=session.id, detail=str(exc))
         session.send_control(protocol.error_message(exc))
 
     async def metrics_endpoint(self, _: web.Request) -> web.Response:
@@ -875,29 +918,42 @@ class Gateway:
         if not self.tracing or request.path == "/ws":
             result: web.StreamResponse = await handler(request)
             return result
-        with self.tracer.start_as_current_span(f"HTTP {request.method} {request.path}") as span:
+        # A caller's traceparent makes this span a child of the caller's, so a
+        # /publish shows up inside the trace of whatever published it.
+        with self.tracer.start_as_current_span(
+            f"HTTP {request.method} {request.path}",
+            context=context_from_headers(request.headers),
+            kind=SpanKind.SERVER,
+        ) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("url.path", request.path)
             response: web.StreamResponse = await handler(request)
             span.set_attribute("http.response.status_code", response.status)
             return response
 
-    def build_app(self) -> web.Application:
+    def build_app(self, part: Literal["all", "public", "internal"] = "all") -> web.Application:
+        """``all``: every route on one port. With an internal port, ``public``
+        is what clients reach (WebSocket, /publish, /client.js, health) and
+        ``internal`` what only operators should (metrics, admin, console)."""
         app = web.Application(
             client_max_size=self.settings.publish_max_bytes + 1024,
             middlewares=[self._first_request, self._trace_http],
         )
-        app.router.add_post("/publish", self.publish)
-        app.router.add_get("/admin/connections", self.admin_connections)
-        app.router.add_delete("/admin/connections/{conn_id}", self.admin_disconnect)
-        app.router.add_delete("/admin/users/{user}/connections", self.admin_disconnect_user)
-        app.router.add_get("/admin/stats", self.admin_stats)
-        app.router.add_get("/ws", self.handle_ws)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_endpoint)
-        for route in _STATIC_ROUTES:
-            app.router.add_get(route, self.static_file)
+        if part in ("all", "public"):
+            app.router.add_post("/publish", self.publish)
+            app.router.add_get("/ws", self.handle_ws)
+            app.router.add_get("/client.js", self.static_file)
+        if part in ("all", "internal"):
+            app.router.add_get("/admin/connections", self.admin_connections)
+            app.router.add_delete("/admin/connections/{conn_id}", self.admin_disconnect)
+            app.router.add_delete("/admin/users/{user}/connections", self.admin_disconnect_user)
+            app.router.add_get("/admin/stats", self.admin_stats)
+            app.router.add_get("/metrics", self.metrics_endpoint)
+            for route in _STATIC_ROUTES:
+                if route != "/client.js":
+                    app.router.add_get(route, self.static_file)
         return app
 
 
@@ -1065,6 +1121,7 @@ def _early_refusal(status: int, reason: str) -> bytes:
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
+        f"{REFUSAL_HEADER}: {reason}\r\n"
         "Retry-After: 1\r\n"
         "Connection: close\r\n\r\n"
     ).encode() + body
@@ -1103,7 +1160,10 @@ def _fit_fd_limit(settings: Settings) -> Settings:
     pending = min(settings.max_pending_handshakes, max(1, usable // 6))
     connections = min(settings.max_connections, usable - 2 * pending)
     if (connections, pending) != (settings.max_connections, settings.max_pending_handshakes):
-        log.warning(
+        # Only a limit someone chose is worth a warning; the defaults are a
+        # ceiling, and fitting them to a smaller machine is routine.
+        chosen = settings.max_connections != Settings.max_connections
+        (log.warning if chosen else log.info)(
             "max_connections_capped_by_fd_limit",
             configured=settings.max_connections,
             effective=connections,
@@ -1116,20 +1176,77 @@ def _fit_fd_limit(settings: Settings) -> Settings:
     return settings
 
 
+class ListenError(Exception):
+    """The gateway cannot listen where it was told to (one line for the user)."""
+
+
+def _bind(host: str, port: int, setting: str) -> socket.socket:
+    """A listening socket, made before anything else starts: a port in use
+    then ends the start at once with one line, instead of surfacing only
+    after Redis connections and tasks have been started and torn down."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ListenError(
+            f"cannot listen on {host}: {exc.strerror} (REDIS_WS_GATEWAY_HOST)"
+        ) from None
+    try:
+        sock = socket.create_server(address, family=family, backlog=128)
+    except OSError as exc:
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"port {port} on {host} is already in use (another gateway or demo?): "
+                f"stop it or set {setting}"
+            ) from None
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc} ({setting})") from None
+    sock.setblocking(False)
+    return sock
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain and exit within the shutdown timeout."""
+    """Run until SIGTERM/SIGINT, then drain and exit within the shutdown timeout.
+
+    Raises ListenError, before starting anything, when a port cannot be bound."""
     settings = _fit_fd_limit(settings)
+    public_sock = _bind(settings.host, settings.port, "REDIS_WS_GATEWAY_PORT")
+    internal_sock = (
+        _bind(settings.host, settings.internal_port, "REDIS_WS_GATEWAY_INTERNAL_PORT")
+        if settings.internal_port
+        else None
+    )
     provider = provider_from_env()
     gateway = Gateway(settings, provider)
     await gateway.start()
-    runner = gateway.runner()
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    runners: list[web.AppRunner] = []
+    sites: list[web.SockSite] = []
+    parts: list[tuple[Literal["all", "public", "internal"], socket.socket]] = (
+        [("all", public_sock)]
+        if internal_sock is None
+        else [("public", public_sock), ("internal", internal_sock)]
+    )
+    try:
+        for part, sock in parts:
+            runner = gateway.runner(part)
+            await runner.setup()
+            runners.append(runner)
+            site = web.SockSite(runner, sock)
+            await site.start()
+            sites.append(site)
+    except BaseException:
+        # Stopped in order, so the error surfaces now rather than after
+        # asyncio.run has cancelled tasks that were never told to stop.
+        await gateway.stop()
+        for runner in runners:
+            await runner.cleanup()
+        raise
     log.info(
         "listening",
         host=settings.host,
-        port=settings.port,
+        port=public_sock.getsockname()[1],
+        internal_port=internal_sock.getsockname()[1] if internal_sock is not None else None,
         redis=gateway.upstream.address.describe(),
         # Which fan-out loop runs: "c", or "python" when the _fanout
         # extension was not built or NATIVE_WRITES is off.
@@ -1143,14 +1260,19 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         ready.set()
     await stop.wait()
     log.info("shutdown_requested")
+    # The listeners stay open while draining: /readyz answers 503 and new
+    # upgrades get 503 "draining", which a probe or a client can act on,
+    # where a closed port only says "refused".
     gateway.draining = True
-    await site.stop()
     try:
         await asyncio.wait_for(gateway.drain(), settings.shutdown_timeout_seconds)
     except TimeoutError:
         log.warning("drain_timeout", remaining=len(gateway.sessions))
+    for site in sites:
+        await site.stop()
     await gateway.stop()
-    await runner.cleanup()
+    for runner in runners:
+        await runner.cleanup()
     if provider is not None:
         provider.shutdown()
     log.info("stopped")

@@ -17,20 +17,77 @@ from typing import Any
 import orjson
 import uvloop
 
-from .config import ConfigError, load_settings
+from .config import ConfigError, load_settings, settings_help, unknown_setting_warnings
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("redis-ws-gateway")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _cmd_serve(_: argparse.Namespace) -> int:
+    from .tracing import check_env
+
     try:
         settings = load_settings()
+        check_env()
     except ConfigError as exc:
         print(f"redis-ws-gateway: {exc}", file=sys.stderr)
         return 2
-    from .app import serve
+    import structlog
+
+    from .app import ListenError, serve
     from .logs import configure_logging
 
     configure_logging(settings)
-    uvloop.run(serve(settings))
+    for warning in unknown_setting_warnings():
+        structlog.get_logger("redis_ws_gateway.config").warning("setting_ignored", detail=warning)
+    try:
+        uvloop.run(serve(settings))
+    except ListenError as exc:
+        print(f"redis-ws-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ws_url_error(url: str) -> str | None:
+    """Why ``url`` cannot be a gateway WebSocket URL, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"not a valid URL: {url} ({exc})"
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        return f"not a WebSocket URL: {url} (expected ws://HOST:PORT/ws or wss://...)"
+    return None
+
+
+def _client_failure(command: str, url: str, exc: BaseException) -> str:
+    """One line for a failure to reach or use the gateway."""
+    from .client import HandshakeRefused
+
+    if isinstance(exc, HandshakeRefused):
+        hint = ""
+        if exc.status == 401:
+            hint = " (pass a valid --token, or set GATEWAY_TOKEN)"
+        return f"{command}: {exc}{hint}"
+    if isinstance(exc, TimeoutError):
+        return f"{command}: {url} did not answer in time"
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return f"{command}: cannot connect to {url}: {detail}"
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (``| head``): that ends the command
+    normally. Further writes to the closed pipe must not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
     return 0
 
 
@@ -106,12 +163,21 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     if args.since is not None and all(is_pattern(c) for c in args.channels):
         print("tail: --since applies to exact (durable) channels, not patterns", file=sys.stderr)
         return 2
+    import aiohttp
+
+    from .client import GatewayClientError
+
+    if (problem := _ws_url_error(args.url)) is not None:
+        print(f"tail: {problem}", file=sys.stderr)
+        return 2
     try:
         return uvloop.run(_tail(args.url, args.channels, args.token, args.raw, args.since))
     except KeyboardInterrupt:
         return 0
-    except OSError as exc:
-        print(f"tail: cannot connect to {args.url}: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (GatewayClientError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+        print(_client_failure("tail", args.url, exc), file=sys.stderr)
         return 1
 
 
@@ -119,7 +185,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        port = args.port or load_settings().port
+        # Validated even with --port: a bad REDIS_URL is one line here, not a
+        # traceback from each child process.
+        settings = load_settings()
+        port = args.port or settings.port
     except ConfigError as exc:
         print(f"redis-ws-gateway: {exc}", file=sys.stderr)
         return 2
@@ -127,12 +196,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_publisher(args: argparse.Namespace) -> int:
+    import redis
+
     from .demo import publish_forever
 
     try:
         uvloop.run(publish_forever(args.redis_url, args.rate))
     except KeyboardInterrupt:
         pass
+    except (redis.RedisError, OSError, ValueError) as exc:
+        print(f"demo-publisher: cannot publish to {args.redis_url}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -158,7 +232,8 @@ async def _selftest(url: str, redis_url: str | None, token: str | None, timeout:
                 ) as resp,
             ):
                 if resp.status != 200:
-                    print(f"selftest: /publish answered {resp.status}", file=sys.stderr)
+                    hint = " (pass the gateway's API key as --token)" if resp.status == 401 else ""
+                    print(f"selftest: /publish answered {resp.status}{hint}", file=sys.stderr)
                     return 1
         else:
             # The chart passes the password on its own (from a Secret), not in the URL.
@@ -185,10 +260,15 @@ def aiohttp_errors() -> type[Exception]:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
+    from .client import GatewayClientError
+
+    if (problem := _ws_url_error(args.url)) is not None:
+        print(f"selftest: {problem}", file=sys.stderr)
+        return 2
     try:
         return uvloop.run(_selftest(args.url, args.redis_url, args.token, args.timeout))
-    except (OSError, TimeoutError, aiohttp_errors()) as exc:
-        print(f"selftest: failed: {exc!r}", file=sys.stderr)
+    except (GatewayClientError, OSError, TimeoutError, aiohttp_errors()) as exc:
+        print(_client_failure("selftest", args.url, exc), file=sys.stderr)
         return 1
 
 
@@ -229,6 +309,13 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     if args.sharded and args.durable:
         print("publish: --sharded is for pub/sub channels, not --durable ones", file=sys.stderr)
         return 2
+    if not args.redis_url:
+        # No silent default: a message sent to some other Redis is lost without a trace.
+        print(
+            "publish: which Redis? pass --redis-url redis://HOST:PORT or set REDIS_URL",
+            file=sys.stderr,
+        )
+        return 2
     # The bytes go out as written: the gateway forwards valid JSON byte for
     # byte, so re-encoding would only change number formatting.
     credentials = {
@@ -253,7 +340,17 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             )
             print(offset)
         else:
-            print(publish(client, args.channel, payload, sharded=args.sharded))
+            receivers = publish(client, args.channel, payload, sharded=args.sharded)
+            # Redis counts its own subscribers: gateway processes with a
+            # client on the channel, not the clients themselves.
+            noun = "Redis subscriber" if receivers == 1 else "Redis subscribers"
+            print(f"published to {args.channel}: {receivers} {noun} received it")
+            if receivers == 0:
+                print(
+                    "publish: no gateway is subscribed to it on this Redis (no client "
+                    "watches the channel, or the gateway uses another REDIS_URL)",
+                    file=sys.stderr,
+                )
     except redis.RedisError as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 1
@@ -305,20 +402,33 @@ def _cmd_ping(args: argparse.Namespace) -> int:
     if args.count < 1:
         print("ping: --count must be at least 1", file=sys.stderr)
         return 2
+    if (problem := _ws_url_error(args.url)) is not None:
+        print(f"ping: {problem}", file=sys.stderr)
+        return 2
     try:
         return uvloop.run(_ping(args.url, args.token, args.count, args.interval, args.timeout))
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except (GatewayClientError, OSError, aiohttp.ClientError, TimeoutError) as exc:
-        print(f"ping: failed: {exc}", file=sys.stderr)
+        print(_client_failure("ping", args.url, exc), file=sys.stderr)
         return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="redis-ws-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the gateway (settings from the environment)")
+    p = sub.add_parser(
+        "serve",
+        help="run the gateway (settings from the environment)",
+        description="Run the gateway. Every setting comes from the environment; "
+        "an invalid value stops the start with one line naming it.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("tail", help="print frames of channels or patterns as they arrive")
@@ -363,7 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     from .publish import DEFAULT_MAXLEN, STREAM_PREFIX
 
     p = sub.add_parser("publish", help="publish one message to Redis (plain or durable channel)")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="the Redis the gateway reads (default: REDIS_URL; required)",
+    )
     p.add_argument("--durable", action="store_true", help="append to the channel's stream (XADD)")
     p.add_argument(
         "--maxlen", type=_positive_int, default=DEFAULT_MAXLEN, help="durable: MAXLEN ~ N"

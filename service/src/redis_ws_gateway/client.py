@@ -271,7 +271,9 @@ class GatewayClient:
             )
         except aiohttp.WSServerHandshakeError as exc:
             await self._session.close()
-            raise HandshakeRefused(exc.status, exc.message) from exc
+            got = exc.headers
+            reason = (got.get("X-Refusal-Reason") if got else None) or exc.message
+            raise HandshakeRefused(exc.status, reason) from exc
         except BaseException:
             await self._session.close()
             raise

@@ -98,6 +98,8 @@ DEFAULT_CHANNEL_POLICIES: tuple[ChannelPolicy, ...] = (
 class Settings:
     host: str = "0.0.0.0"
     port: int = 8889
+    # 0: /metrics, /admin/* and the console share the public port.
+    internal_port: int = 0
     redis_url: str = "redis://127.0.0.1:6379"
     require_auth: bool = False
     api_key: str | None = None
@@ -239,6 +241,15 @@ def _redis_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(name, raw, "expected a redis://, rediss:// or unix:// URL")
+    if not value.startswith("unix://"):
+        # Found here rather than by the Redis client, whose ValueError would
+        # surface as a traceback from inside the event loop.
+        try:
+            port = urlsplit(value).port
+        except ValueError:
+            raise ConfigError(name, raw, "the port must be a number from 1 to 65535") from None
+        if port == 0:
+            raise ConfigError(name, raw, "the port must be a number from 1 to 65535")
     return value
 
 
@@ -312,6 +323,7 @@ def _nonempty(name: str, raw: str) -> str:
 ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_WS_GATEWAY_HOST": ("host", _nonempty),
     "REDIS_WS_GATEWAY_PORT": ("port", _int_range(0, 65535)),
+    "REDIS_WS_GATEWAY_INTERNAL_PORT": ("internal_port", _int_range(0, 65535)),
     "REDIS_URL": ("redis_url", _redis_url),
     "REQUIRE_AUTH": ("require_auth", _parse_bool),
     "GATEWAY_API_KEY": ("api_key", _nonempty),
@@ -594,6 +606,10 @@ def _default_algorithms(values: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _check_consistency(s: Settings) -> None:
+    if s.internal_port and s.internal_port == s.port:
+        raise ConfigError(
+            "REDIS_WS_GATEWAY_INTERNAL_PORT", s.internal_port, "must differ from the public port"
+        )
     if s.default_role not in s.roles:
         raise ConfigError(
             "DEFAULT_ROLE", s.default_role, f"no such role (known: {', '.join(sorted(s.roles))})"
@@ -656,3 +672,63 @@ def _check_consistency(s: Settings) -> None:
         )
     if s.jwks_url is not None and not s.jwks_url.startswith(("https://", "http://")):
         raise ConfigError("JWKS_URL", s.jwks_url, "expected an http(s) URL")
+
+
+# Names people reach for that are not settings; a silent default is worse
+# than a warning at start.
+KNOWN_TYPOS = {
+    "REDIS_URI": "REDIS_URL",
+    "REDIS_HOST": "REDIS_URL",
+    "REDIS_PORT": "REDIS_URL",
+    "GATEWAY_PORT": "REDIS_WS_GATEWAY_PORT",
+    "API_KEY": "GATEWAY_API_KEY",
+    "REDIS_WS_GATEWAY_API_KEY": "GATEWAY_API_KEY",
+    "REDIS_WS_GATEWAY_REDIS_URL": "REDIS_URL",
+}
+_NAMESPACE = "REDIS_WS_GATEWAY_"
+
+
+def unknown_setting_warnings(env: Mapping[str, str] | None = None) -> list[str]:
+    """One line per variable that looks meant for the gateway but sets nothing:
+    unknown names in its REDIS_WS_GATEWAY_ namespace, known typos, and names
+    one or two letters away from a real setting."""
+    import difflib
+
+    env = os.environ if env is None else env
+    known = list(ENV_SETTINGS)
+    out = []
+    for name in sorted(env):
+        if name in ENV_SETTINGS:
+            continue
+        if env[name].startswith("tcp://"):
+            # A Kubernetes service link (REDIS_PORT=tcp://10.0.0.7:6379 for a
+            # Service named redis), not something a person set.
+            continue
+        hint = KNOWN_TYPOS.get(name)
+        if hint is None:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.88)
+            hint = close[0] if close else None
+        if hint is not None:
+            out.append(f"{name} is not a setting (did you mean {hint}?); it is ignored")
+        elif name.startswith(_NAMESPACE):
+            out.append(f"{name} is not a setting of this gateway; it is ignored")
+    return out
+
+
+def settings_help() -> str:
+    """Every environment setting with its default, for `serve --help`."""
+    defaults = Settings()
+    lines = ["settings (environment variables; docs/CONFIG.md explains each):"]
+    for name, (attr, _) in ENV_SETTINGS.items():
+        value = getattr(defaults, attr)
+        if value is None or value == ():
+            shown = "unset"
+        elif isinstance(value, bool):
+            shown = str(value).lower()
+        elif isinstance(value, tuple):
+            shown = ",".join(map(str, value))
+        else:
+            shown = str(value)
+        lines.append(f"  {name}={shown}")
+    lines.append("  OTEL_* (tracing; docs/CONFIG.md)")
+    return "\n".join(lines)

@@ -28,6 +28,22 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
+class _ToStructlog(logging.Handler):
+    """Routes the standard library's log records (OpenTelemetry's exporter,
+    aiohttp, asyncio) through structlog, so a JSON log stream stays JSON."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = repr(record.exc_info[1])
+            level = record.levelname.lower()
+            method = level if level in ("debug", "info", "warning", "error", "critical") else "info"
+            getattr(structlog.get_logger(record.name), method)(record.getMessage(), **fields)
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper())
     fmt = settings.log_format
@@ -53,5 +69,11 @@ def configure_logging(settings: Settings) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ToStructlog):
+            root.removeHandler(handler)
+    root.addHandler(_ToStructlog())
+    root.setLevel(max(level, logging.INFO))
     # aiohttp's access log would log query strings, and ?token= is a credential.
     logging.getLogger("aiohttp.access").disabled = True

@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeHistogramMetricFamily,
@@ -121,6 +121,9 @@ class Metrics:
         self.closed_dropped = 0
         self.closed_conflated = 0
         r.register(_StateCollector(gateway, self))
+        # process_* (memory, CPU seconds, open and maximum file descriptors):
+        # the registry is our own, so the default one's collector is not in it.
+        ProcessCollector(registry=r)
 
 
 class _StateCollector(Collector):

@@ -397,7 +397,12 @@ class Upstream:
                     "upstream.connect",
                     attributes={"server.address": self.address.describe(), "reconnect": not first},
                 ):
-                    conn = await asyncio.wait_for(self._connect(), self._connect_timeout)
+                    # Not asyncio.wait_for: on Python 3.11 it returns a connect
+                    # that finished as the task was cancelled, swallowing the
+                    # cancel, and whoever cancelled (asyncio.run's clean-up
+                    # after a failed start) then waits forever.
+                    async with asyncio.timeout(self._connect_timeout):
+                        conn = await self._connect()
             except Exception as exc:
                 # Anything at all (refused, TLS, AUTH, no master known to the
                 # sentinels yet...): this loop is what keeps the pod healing,

@@ -538,6 +538,9 @@ function init() {
     $("live-empty").hidden = false;
     $("rows-count").textContent = "0";
   });
+  // ?channels=a,b:* subscribes on load, so a link can open the console live.
+  const fromUrl = new URLSearchParams(location.search).get("channels");
+  if (fromUrl) addSubscriptions(fromUrl);
   setInterval(tick, TICK_MS);
   connect();
 }
