@@ -10,7 +10,8 @@
  * newer connection (session.py). Asked here, the check costs a method call
  * instead of a Python loop over the recipients. In W4's shape the gateway with this loop cost 2-6%
  * less per delivery than with the same loop in Python, and a forwarder that
- * does nothing else 0.1-1.5 us less (docs/BENCHMARKS.md, session 4): what
+ * does nothing else 0.1-1.5 us less (alternating rounds of 2026-11-26/27,
+ * docs/BENCHMARKS-history.md): what
  * os.write adds per call is argument conversion, a result object, the
  * exception machinery and releasing and re-taking the GIL. The sockets are
  * non-blocking, so the GIL is held throughout: no other thread can run

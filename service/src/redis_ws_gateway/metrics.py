@@ -51,7 +51,8 @@ class PlainHistogram:
     every observe(); the hub observes once per read from Redis, in the event
     loop's one thread, so nothing else writes these. In W4 (one message per
     read, 25 recipients) the two locked increments were 1.5-2% of the
-    gateway's CPU in py-spy (docs/BENCHMARKS.md, session 5)."""
+    gateway's CPU in py-spy (measured on 2026-11-27 before ad2e00e;
+    docs/BENCHMARKS-history.md)."""
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
         self.name = name
