@@ -195,7 +195,10 @@ class JwtVerifier:
             if isinstance(kid, str) and len(kid) > 256:
                 raise TokenRejected("unknown token key id")
             key = self._keyset.get(kid)
-            if key is None and await self._keyset.refresh():
+            # Shielded: a handshake that times out (HANDSHAKE_TIMEOUT_SECONDS)
+            # must not cancel a refetch that other handshakes wait for, after
+            # the cooldown has started and before the keys are installed.
+            if key is None and await asyncio.shield(self._keyset.refresh()):
                 key = self._keyset.get(kid)
             if key is None:
                 raise TokenRejected("unknown token key id")
