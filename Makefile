@@ -49,10 +49,11 @@ define need_docker
 	@command -v kubectl >/dev/null 2>&1 || { echo "make $@: needs kubectl on PATH"; exit 2; }
 endef
 
-image:
-	@command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 || { \
-	  echo "make image: needs a running Docker engine"; exit 2; }
-	docker build -t $(IMAGE) .
+# Builds with the repository's Dockerfile on a private Docker engine
+# (scripts/dockerd.sh); where python:3.11-slim cannot be pulled, on a local
+# Debian stand-in base (scripts/base-image.sh).
+image: setup
+	scripts/build-image.sh $(IMAGE)
 
 kind-up:
 	$(need_docker)

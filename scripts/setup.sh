@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh Debian machine, and nothing
-# twice: redis-server and haproxy (Debian's packages), the Python venv in
+# twice: redis-server, haproxy, docker.io and debootstrap (Debian's packages), the Python venv in
 # .venv with the package and its dev tools, and helm (built from the Go
 # module proxy into .tools/bin). Safe to run again; each step is skipped when
 # already done.
@@ -23,6 +23,13 @@ command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 import os, sys, sysconfig
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
 PYEOF
+# The image build and the container smoke test run a private Docker engine
+# (scripts/dockerd.sh); debootstrap makes the stand-in base image where no
+# image registry is reachable (scripts/base-image.sh).
+if [ "${SETUP_DOCKER:-1}" = 1 ]; then
+  command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
+  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+fi
 if [ "${SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   need_apt+=(chromium)
 fi
