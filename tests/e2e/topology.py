@@ -36,6 +36,7 @@ from redis_ws_gateway.client import BadRequestError, GatewayClient
 from tests.support.redis_server import RedisServer, free_port
 
 DURABLE_PATTERN = "engine:decision:*"
+CHART = Path(__file__).resolve().parents[2] / "chart"
 LOCAL_API_KEY = "e2e-local-api-key"
 # The gateways' own shutdown timeline, short so restarts take seconds.
 DRAIN_WINDOW_SECONDS = 1.0
@@ -101,6 +102,20 @@ class Topology(ABC):
     async def rolling_restart(self) -> None:
         """Replace every replica, one at a time; returns once the load balancer
         routes only to the new ones."""
+
+    @abstractmethod
+    async def delete_replica(self, name: str) -> str:
+        """Stops one replica the way a deleted pod stops (SIGTERM, drain) and
+        returns its replacement's name once the replacement is ready."""
+
+    @abstractmethod
+    async def upgrade(self) -> None:
+        """Rolls every replica to a new release (a new image tag on kind);
+        returns once only new replicas serve."""
+
+    # Fewest replicas that may be ready during ``upgrade``: kind's rollout
+    # surges (maxUnavailable 0), the local one replaces in place.
+    min_ready_during_upgrade = 1
 
     @abstractmethod
     async def scale(self, replicas: int) -> tuple[list[str], list[str]]:
@@ -498,6 +513,21 @@ class LocalTopology(Topology):
                 slot, lambda r: r["status"] == "UP" and r["check_status"] == "L7OK", "UP"
             )
 
+    async def delete_replica(self, name: str) -> str:
+        old = self.gateways[name]
+        await self._terminate(old)
+        new = self._spawn(name, old.port, self.redis.url)
+        await self._wait_readyz(new, 200)
+        await self._wait_status(
+            name, lambda r: r["status"] == "UP" and r["check_status"] == "L7OK", "UP"
+        )
+        return name
+
+    async def upgrade(self) -> None:
+        # One package on one machine: a new release is a restart of each
+        # process, one at a time.
+        await self.rolling_restart()
+
     async def scale(self, replicas: int) -> tuple[list[str], list[str]]:
         serving = sorted(s for s, g in self.gateways.items() if g.redis_url == self.redis.url)
         added: list[str] = []
@@ -566,6 +596,7 @@ class KindTopology(Topology):
         self.context = os.environ.get("E2E_KUBE_CONTEXT", "kind-redis-ws-gateway")
         self.namespace = os.environ.get("E2E_NAMESPACE", "default")
         release = os.environ.get("E2E_RELEASE", "gw")
+        self.release = release
         self.deployment = os.environ.get("E2E_DEPLOYMENT", f"{release}-redis-ws-gateway")
         self.selector = ",".join(
             [f"app.kubernetes.io/instance={release}", "app.kubernetes.io/component=gateway"]
@@ -694,6 +725,65 @@ class KindTopology(Topology):
     async def rolling_restart(self) -> None:
         await self.kubectl("rollout", "restart", f"deployment/{self.deployment}")
         await self._rollout()
+
+    async def delete_replica(self, name: str) -> str:
+        replicas = await self._replicas()
+        before = set(await self._settle(replicas))
+        # --wait=false: the pod drains for its grace period while the
+        # ReplicaSet starts its replacement.
+        await self.kubectl("delete", "pod", name, "--wait=false")
+        deadline = time.monotonic() + 300
+        while True:
+            after = set(await self._settle(replicas))
+            if name not in after:
+                added = sorted(after - before)
+                assert len(added) == 1, (before, after)
+                return added[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} was not replaced")
+            await asyncio.sleep(1)
+
+    min_ready_during_upgrade = 2
+
+    async def upgrade(self) -> None:
+        """``helm upgrade`` to the other of two tags of the image (``make e2e``
+        loads both), keeping every other value of the release."""
+        helm = os.environ.get("HELM", "helm")
+        dep = await self._json("get", "deployment", self.deployment)
+        containers = dep["spec"]["template"]["spec"]["containers"]
+        image = next(c["image"] for c in containers if c["name"] == "gateway")
+        repository, _, tag = image.rpartition(":")
+        other = os.environ.get("E2E_UPGRADE_TAG", "dev-upgrade")
+        base = os.environ.get("E2E_BASE_TAG", "dev")
+        new_tag = base if tag == other else other
+        proc = await asyncio.create_subprocess_exec(
+            helm,
+            "upgrade",
+            self.release,
+            str(CHART),
+            "--kube-context",
+            self.context,
+            "--namespace",
+            self.namespace,
+            "--reuse-values",
+            "--set",
+            f"image.repository={repository}",
+            "--set",
+            f"image.tag={new_tag}",
+            "--wait",
+            "--timeout",
+            "5m",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 360)
+        if proc.returncode != 0:
+            raise RuntimeError(f"helm upgrade: {err.decode().strip()}")
+        await self._rollout()
+        for pod in await self._pods():
+            if self._owned_by_replicaset(pod) and not pod["metadata"].get("deletionTimestamp"):
+                images = [c["image"] for c in pod["spec"]["containers"] if c["name"] == "gateway"]
+                assert images == [f"{repository}:{new_tag}"], images
 
     async def scale(self, replicas: int) -> tuple[list[str], list[str]]:
         before = set(await self._settle(await self._replicas()))
