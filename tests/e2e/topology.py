@@ -745,19 +745,10 @@ class KindTopology(Topology):
 
     min_ready_during_upgrade = 2
 
-    async def upgrade(self) -> None:
-        """``helm upgrade`` to the other of two tags of the image (``make e2e``
-        loads both), keeping every other value of the release."""
-        helm = os.environ.get("HELM", "helm")
-        dep = await self._json("get", "deployment", self.deployment)
-        containers = dep["spec"]["template"]["spec"]["containers"]
-        image = next(c["image"] for c in containers if c["name"] == "gateway")
-        repository, _, tag = image.rpartition(":")
-        other = os.environ.get("E2E_UPGRADE_TAG", "dev-upgrade")
-        base = os.environ.get("E2E_BASE_TAG", "dev")
-        new_tag = base if tag == other else other
-        proc = await asyncio.create_subprocess_exec(
-            helm,
+    async def helm_upgrade(self, *settings: str) -> None:
+        """``helm upgrade --reuse-values --wait`` of the release with ``--set``
+        for each setting."""
+        args = [
             "upgrade",
             self.release,
             str(CHART),
@@ -766,19 +757,33 @@ class KindTopology(Topology):
             "--namespace",
             self.namespace,
             "--reuse-values",
-            "--set",
-            f"image.repository={repository}",
-            "--set",
-            f"image.tag={new_tag}",
             "--wait",
             "--timeout",
             "5m",
+        ]
+        for setting in settings:
+            args += ["--set", setting]
+        proc = await asyncio.create_subprocess_exec(
+            os.environ.get("HELM", "helm"),
+            *args,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         _, err = await asyncio.wait_for(proc.communicate(), 360)
         if proc.returncode != 0:
-            raise RuntimeError(f"helm upgrade: {err.decode().strip()}")
+            raise RuntimeError(f"helm {' '.join(args)}: {err.decode().strip()}")
+
+    async def upgrade(self) -> None:
+        """``helm upgrade`` to the other of two tags of the image (``make e2e``
+        loads both), keeping every other value of the release."""
+        dep = await self._json("get", "deployment", self.deployment)
+        containers = dep["spec"]["template"]["spec"]["containers"]
+        image = next(c["image"] for c in containers if c["name"] == "gateway")
+        repository, _, tag = image.rpartition(":")
+        other = os.environ.get("E2E_UPGRADE_TAG", "dev-upgrade")
+        base = os.environ.get("E2E_BASE_TAG", "dev")
+        new_tag = base if tag == other else other
+        await self.helm_upgrade(f"image.repository={repository}", f"image.tag={new_tag}")
         await self._rollout()
         for pod in await self._pods():
             if self._owned_by_replicaset(pod) and not pod["metadata"].get("deletionTimestamp"):
