@@ -13,6 +13,7 @@
 # instead when RWG_DOCKER=system (a machine with Docker Desktop or a daemon of
 # its own).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 cache=${RWG_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/redis-ws-gateway}
 root="$cache/docker"
@@ -57,7 +58,11 @@ case "${1:-}" in
     # default bridge: builds and the smoke test use the host network, and kind
     # makes a network of its own, so docker0 (which a system engine may own)
     # is left alone.
+    # The runtime wrapper: see scripts/runc-bounded-caps (kind's privileged
+    # nodes on machines whose own capability set is incomplete).
     setsid dockerd \
+      --add-runtime "bounded-caps=$PWD/scripts/runc-bounded-caps" \
+      --default-runtime bounded-caps \
       --data-root "$root/data" \
       --exec-root "$root/exec" \
       --pidfile "$pidfile" \
