@@ -80,7 +80,10 @@ for image in "${required[@]}"; do
       ;;
     coredns)
       cp "$bin/coredns" "$dir/"
-      printf 'FROM %s\nCOPY coredns /coredns\nUSER 65532:65532\nENTRYPOINT ["/coredns"]\n' "$base" >"$dir/Dockerfile"
+      # Root, unlike upstream's image (non-root with a file capability on
+      # the binary): kubeadm's Deployment adds NET_BIND_SERVICE for port 53,
+      # which a root process can use as it is.
+      printf 'FROM %s\nCOPY coredns /coredns\nENTRYPOINT ["/coredns"]\n' "$base" >"$dir/Dockerfile"
       ;;
     pause)
       cp "$bin/pause" "$dir/"
@@ -120,8 +123,12 @@ docker exec "$cid" bash -c 'nohup containerd >/tmp/containerd.log 2>&1 &
   cat /tmp/containerd.log; exit 1'
 docker save "${images[@]}" \
   | docker exec -i "$cid" ctr --namespace=k8s.io images import --all-platforms --no-unpack --digests - >/dev/null
-docker exec "$cid" ctr --namespace=k8s.io images list -q | sed 's/^/kind-node-image:   in node: /' >&2
-docker exec "$cid" sh -c 'pkill containerd; for i in $(seq 50); do pgrep containerd >/dev/null || exit 0; sleep 0.2; done; exit 1'
+docker exec "$cid" ctr --namespace=k8s.io images list -q | grep -v -e '^sha256:' -e '^import-' \
+  | sed 's/^/kind-node-image:   in node: /' >&2
+# Stopped cleanly, so its metadata is complete when committed; `sleep` as
+# PID 1 does not reap, hence a zombie counts as gone.
+docker exec "$cid" sh -c 'pkill containerd; for i in $(seq 100); do
+  ps -o stat= -C containerd | grep -qv "^Z" || exit 0; sleep 0.2; done; exit 1'
 docker commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' "$cid" "$node_tag" >/dev/null
 log "built $node_tag in $(( $(date +%s) - total_start ))s"
 echo "$node_tag"
