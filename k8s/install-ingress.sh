@@ -26,4 +26,6 @@ sed "s#IMAGE_PLACEHOLDER#$traefik#" k8s/addons/traefik.yaml | kubectl --context 
 sed "s#IMAGE_PLACEHOLDER#$metrics#" k8s/addons/metrics-server.yaml | kubectl --context "$context" apply -f - >/dev/null
 kubectl --context "$context" -n traefik rollout status deployment/traefik --timeout=180s
 kubectl --context "$context" -n kube-system rollout status deployment/metrics-server --timeout=180s
+kubectl --context "$context" apply -f k8s/addons/metrics-apiservice.yaml >/dev/null
+kubectl --context "$context" wait apiservice/v1beta1.metrics.k8s.io --for=condition=Available --timeout=120s
 log "Traefik serves Ingresses of class traefik on the node's port 80 (the host's 127.0.0.1:${KIND_INGRESS_PORT:-8880})"
