@@ -19,7 +19,11 @@ cd "$(dirname "$0")/.."
 export KUBE_VERSION=${KUBE_VERSION:-v1.34.2}
 KIND_VERSION=${KIND_VERSION:-v0.33.0}
 cache=${RWG_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/redis-ws-gateway}/kind/$KUBE_VERSION
-node_tag=${KIND_NODE_IMAGE:-redis-ws-gateway/kind-node:$KUBE_VERSION}
+# The tag names the recipe too, so a change to the node's files or to this
+# script builds a new image (the binaries stay cached) instead of reusing a
+# stale one.
+recipe=$(cat k8s/node/* "$0" | sha256sum | cut -c1-10)
+node_tag=${KIND_NODE_IMAGE:-redis-ws-gateway/kind-node:$KUBE_VERSION-$recipe}
 log() { printf 'kind-node-image: [%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 scripts/dockerd.sh start >/dev/null
