@@ -23,6 +23,20 @@ CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}
 TRAEFIK_VERSION=${TRAEFIK_VERSION:-v3.6.4}
 METRICS_SERVER_VERSION=${METRICS_SERVER_VERSION:-v0.8.0}
 log() { printf 'build-go-binaries: %s\n' "$*" >&2; }
+# Runs a command in the background and says once a minute that it still
+# runs: these compiles take minutes and go build prints nothing meanwhile.
+progress() {
+  local label=$1 started pid
+  shift
+  started=$(date +%s)
+  "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && log "still building $label after $(( $(date +%s) - started ))s"
+  done
+  wait "$pid"
+}
 export GOWORK=off GOFLAGS=-mod=mod CGO_ENABLED=0
 
 build() {
@@ -42,7 +56,7 @@ build() {
     go mod init "local.invalid/$name" >/dev/null 2>&1
     go get "$module@$version" >/dev/null 2>&1 || go get "$module@$version"
     go mod tidy >/dev/null 2>&1 || go mod tidy
-    nice -n 10 go build -trimpath -ldflags "-s -w $5" -o "$out/$name" .
+    progress "$name" nice -n 10 go build -trimpath -ldflags "-s -w $5" -o "$out/$name" .
   )
   rm -rf "$src"
   echo "$version" >"$out/.$name-version"
@@ -95,7 +109,8 @@ func main() { coremain.Run() }
       # No replace directives upstream: go install builds it as published.
       if [ ! -x "$out/crictl" ] || [ "$(cat "$out/.crictl-version" 2>/dev/null)" != "$CRICTL_VERSION" ]; then
         log "building crictl $CRICTL_VERSION"
-        GOBIN="$out" nice -n 10 go install -trimpath "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+        progress crictl env GOBIN="$out" nice -n 10 go install -trimpath \
+          "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
         echo "$CRICTL_VERSION" >"$out/.crictl-version"
       fi
       ;;
@@ -109,7 +124,7 @@ func main() { coremain.Run() }
         rm -rf "$src"
         cp -r "$moddir" "$src"
         chmod -R u+w "$src"
-        (cd "$src" && nice -n 10 go build -trimpath \
+        (cd "$src" && progress traefik nice -n 10 go build -trimpath \
           -ldflags "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
           -o "$out/traefik" ./cmd/traefik)
         rm -rf "$src"
@@ -120,7 +135,7 @@ func main() { coremain.Run() }
     metrics-server)
       if [ ! -x "$out/metrics-server" ] || [ "$(cat "$out/.metrics-server-version" 2>/dev/null)" != "$METRICS_SERVER_VERSION" ]; then
         log "building metrics-server $METRICS_SERVER_VERSION"
-        GOBIN="$out" nice -n 10 go install -trimpath \
+        progress metrics-server env GOBIN="$out" nice -n 10 go install -trimpath \
           "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION"
         echo "$METRICS_SERVER_VERSION" >"$out/.metrics-server-version"
       fi

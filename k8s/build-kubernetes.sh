@@ -54,7 +54,16 @@ pkgs=()
 for c in "${components[@]}"; do pkgs+=("./cmd/$c"); done
 log "compiling ${components[*]} (several minutes on 2 cores; nice'd)"
 start=$(date +%s)
-(cd "$src" && nice -n 10 go build -trimpath -ldflags "-s -w $ldflags" -o "$out/" "${pkgs[@]}")
+# go build prints nothing until it is done; say every minute what is built.
+(cd "$src" && nice -n 10 go build -trimpath -ldflags "-s -w $ldflags" -o "$out/" "${pkgs[@]}") &
+build=$!
+while kill -0 "$build" 2>/dev/null; do
+  for _ in $(seq 60); do kill -0 "$build" 2>/dev/null || break; sleep 1; done
+  kill -0 "$build" 2>/dev/null || break
+  done_now=$(for c in "${components[@]}"; do [ "$out/$c" -nt "$src/go.mod" ] && printf '%s ' "$c"; done)
+  log "still compiling after $(( $(date +%s) - start ))s; done: ${done_now:-none yet}"
+done
+wait "$build"
 log "compiled in $(( $(date +%s) - start ))s"
 cp "$src/build/pause/linux/pause.c" "$out/pause.c"
 rm -rf "$src"
