@@ -189,17 +189,22 @@ async def test_upgrade_rolls_with_clients_connected_and_loses_nothing(
     topology: Topology,
 ) -> None:
     """``helm upgrade`` to a new image tag on kind: the rollout surges, never
-    has fewer ready replicas than it started with, and every durable
-    follower ends with the whole stream exactly once."""
+    has fewer ready replicas than it started with nor overdraws the
+    PodDisruptionBudget, and every durable follower ends with the whole
+    stream exactly once."""
     await topology.scale(2)
     channel = unique("engine:decision:upg-")
     followers = await start_followers(topology, channel, 20)
     publisher = Publisher(topology, channel).start()
     ready_counts: list[int] = []
+    budgets: list[tuple[int, int]] = []
 
     async def sample_ready() -> None:
         while True:
             ready_counts.append(len(await topology.ready_replicas()))
+            budget = await topology.disruption_budget()
+            if budget is not None:
+                budgets.append(budget)
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample_ready())
@@ -214,6 +219,8 @@ async def test_upgrade_rolls_with_clients_connected_and_loses_nothing(
         await publisher.stop()
         await asyncio.gather(*(f.stop() for f in followers))
     assert ready_counts and min(ready_counts) >= topology.min_ready_during_upgrade, ready_counts
+    # The PodDisruptionBudget was never overdrawn while the rollout ran.
+    assert all(current >= desired for current, desired in budgets), budgets
     for f in followers:
         assert f.close_codes, f"{f.name} was never moved"
         assert set(f.close_codes) == {CLOSE_SERVICE_RESTART}, f"{f.name}: {f.close_codes}"

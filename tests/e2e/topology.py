@@ -143,6 +143,11 @@ class Topology(ABC):
         finally:
             await self.set_max_connection_age(None)
 
+    async def disruption_budget(self) -> tuple[int, int] | None:
+        """(currently healthy, desired healthy) of the PodDisruptionBudget, on
+        a target that has one; None otherwise."""
+        return None
+
     async def stream_entries(self, channel: str) -> list[str] | None:
         """The durable channel's offsets as Redis holds them, when the target
         gives the tests direct access to Redis; None otherwise."""
@@ -744,6 +749,11 @@ class KindTopology(Topology):
             await asyncio.sleep(1)
 
     min_ready_during_upgrade = 2
+
+    async def disruption_budget(self) -> tuple[int, int] | None:
+        pdb = await self._json("get", "poddisruptionbudget", self.deployment)
+        status = pdb.get("status", {})
+        return int(status.get("currentHealthy", 0)), int(status.get("desiredHealthy", 0))
 
     async def helm_upgrade(self, *settings: str) -> None:
         """``helm upgrade --reuse-values --wait`` of the release with ``--set``
