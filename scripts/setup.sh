@@ -8,8 +8,10 @@
 #                           redis-tools and redis-sentinel, haproxy (the local
 #                           e2e suite), a C compiler for the package's
 #                           extensions, the dev tools in .venv (ruff, mypy,
-#                           pytest, playwright, ...), chromium (browser tests)
-#                           and helm, built from the Go module proxy into
+#                           pytest, playwright, ...), chromium (browser tests),
+#                           docker.io and debootstrap (the image and its smoke
+#                           test, scripts/dockerd.sh and base-image.sh) and
+#                           helm, built from the Go module proxy into
 #                           .tools/bin (needs Go)
 #
 # Each step says what it does, or that it is already done. Safe to run again.
@@ -18,6 +20,7 @@
 #   PYTHON=python3.11  the interpreter the venv is made from (default python3)
 #   SETUP_BROWSER=0    test set without chromium (its tests then skip)
 #   SETUP_HELM=0       test set without helm (the chart tests then skip)
+#   SETUP_DOCKER=0     test set without docker.io and debootstrap
 #   SETUP_DRY_RUN=1    print each step and whether it would run; change nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +58,13 @@ if [ "$mode" = test ]; then
 import os, sys, sysconfig
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
 PYEOF
+  # The image build and the container smoke test run a private Docker engine
+  # (scripts/dockerd.sh); debootstrap makes the stand-in base image where no
+  # image registry is reachable (scripts/base-image.sh).
+  if [ "${SETUP_DOCKER:-1}" = 1 ]; then
+    command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+  fi
   if [ "${SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     need_apt+=(chromium)
   fi

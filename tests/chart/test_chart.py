@@ -603,9 +603,15 @@ def test_kind_values_expose_two_replicas_on_a_local_host(helm: Helm) -> None:
     manifests = render(helm, "-f", str(KIND_VALUES))
     assert gateway_deployment(manifests)["spec"]["replicas"] == 2
     ingress = one(manifests, "Ingress")
-    assert [r["host"] for r in ingress["spec"]["rules"]] == ["gateway.localtest.me"]
-    assert ingress["spec"]["ingressClassName"] == "nginx"
-    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]
+    assert [r["host"] for r in ingress["spec"]["rules"]] == ["gateway.localtest.me", "localhost"]
+    # k8s/install-ingress.sh installs Traefik, which serves this class.
+    assert ingress["spec"]["ingressClassName"] == "traefik"
+    assert "annotations" not in ingress["metadata"]
+    # The bundled Redis runs the image built locally and loaded into kind.
+    redis = one(manifests, "StatefulSet")
+    assert redis["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        "redis-ws-gateway/redis:bookworm"
+    )
 
 
 def test_http_route_points_at_the_service(helm: Helm) -> None:

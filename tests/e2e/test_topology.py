@@ -157,6 +157,75 @@ async def test_rolling_restart_loses_and_repeats_no_durable_message(topology: To
         assert all(code == 0 for _, code in topology.exit_codes), topology.exit_codes
 
 
+async def test_deleted_replica_moves_its_clients_and_loses_nothing(topology: Topology) -> None:
+    """A pod deleted under traffic (kubectl delete pod): its clients get 1012,
+    reconnect to another replica, and their durable channel resumes."""
+    await topology.scale(2)
+    channel = unique("engine:decision:del-")
+    n = 20
+    followers = await start_followers(topology, channel, n)
+    publisher = Publisher(topology, channel).start()
+    try:
+        await publisher.wait_acked(10)
+        before = await settled_connections(topology, n)
+        victim = max(before, key=lambda name: before[name].current)
+        moved = before[victim].current
+        assert moved > 0, before
+        await topology.delete_replica(victim)
+        await wait_all([f.connected for f in followers], 30)
+        await publisher.wait_acked(len(publisher.acked) + 10)
+        await finish_and_check(topology, channel, publisher, followers)
+    finally:
+        await publisher.stop()
+        await asyncio.gather(*(f.stop() for f in followers))
+    reconnected = [f for f in followers if f.close_codes]
+    assert len(reconnected) == moved, [f.close_codes for f in followers]
+    assert all(f.close_codes == [CLOSE_SERVICE_RESTART] for f in reconnected)
+    # Each moved client resumed from the last offset it had, not from zero.
+    assert all(len(f.resumes) == 2 and f.resumes[1][0] != "0" for f in reconnected)
+
+
+async def test_upgrade_rolls_with_clients_connected_and_loses_nothing(
+    topology: Topology,
+) -> None:
+    """``helm upgrade`` to a new image tag on kind: the rollout surges, never
+    has fewer ready replicas than it started with nor overdraws the
+    PodDisruptionBudget, and every durable follower ends with the whole
+    stream exactly once."""
+    await topology.scale(2)
+    channel = unique("engine:decision:upg-")
+    followers = await start_followers(topology, channel, 20)
+    publisher = Publisher(topology, channel).start()
+    ready_counts: list[int] = []
+    budgets: list[tuple[int, int]] = []
+
+    async def sample_ready() -> None:
+        while True:
+            ready_counts.append(len(await topology.ready_replicas()))
+            budget = await topology.disruption_budget()
+            if budget is not None:
+                budgets.append(budget)
+            await asyncio.sleep(0.5)
+
+    sampler = asyncio.create_task(sample_ready())
+    try:
+        await publisher.wait_acked(10)
+        await topology.upgrade()
+        sampler.cancel()
+        await publisher.wait_acked(len(publisher.acked) + 10)
+        await finish_and_check(topology, channel, publisher, followers)
+    finally:
+        sampler.cancel()
+        await publisher.stop()
+        await asyncio.gather(*(f.stop() for f in followers))
+    assert ready_counts and min(ready_counts) >= topology.min_ready_during_upgrade, ready_counts
+    # The PodDisruptionBudget was never overdrawn while the rollout ran.
+    assert all(current >= desired for current, desired in budgets), budgets
+    for f in followers:
+        assert f.close_codes, f"{f.name} was never moved"
+        assert set(f.close_codes) == {CLOSE_SERVICE_RESTART}, f"{f.name}: {f.close_codes}"
+
+
 async def test_scale_in_moves_clients_and_loses_nothing(topology: Topology) -> None:
     await topology.scale(3)
     channel = unique("engine:decision:in-")

@@ -36,6 +36,7 @@ from redis_ws_gateway.client import BadRequestError, GatewayClient
 from tests.support.redis_server import RedisServer, free_port
 
 DURABLE_PATTERN = "engine:decision:*"
+CHART = Path(__file__).resolve().parents[2] / "chart"
 LOCAL_API_KEY = "e2e-local-api-key"
 # The gateways' own shutdown timeline, short so restarts take seconds.
 DRAIN_WINDOW_SECONDS = 1.0
@@ -103,6 +104,20 @@ class Topology(ABC):
         routes only to the new ones."""
 
     @abstractmethod
+    async def delete_replica(self, name: str) -> str:
+        """Stops one replica the way a deleted pod stops (SIGTERM, drain) and
+        returns its replacement's name once the replacement is ready."""
+
+    @abstractmethod
+    async def upgrade(self) -> None:
+        """Rolls every replica to a new release (a new image tag on kind);
+        returns once only new replicas serve."""
+
+    # Fewest replicas that may be ready during ``upgrade``: kind's rollout
+    # surges (maxUnavailable 0), the local one replaces in place.
+    min_ready_during_upgrade = 1
+
+    @abstractmethod
     async def scale(self, replicas: int) -> tuple[list[str], list[str]]:
         """Returns (added, removed) replica names once the change is complete:
         added ones are ready, removed ones have drained and exited."""
@@ -127,6 +142,11 @@ class Topology(ABC):
             yield
         finally:
             await self.set_max_connection_age(None)
+
+    async def disruption_budget(self) -> tuple[int, int] | None:
+        """(currently healthy, desired healthy) of the PodDisruptionBudget, on
+        a target that has one; None otherwise."""
+        return None
 
     async def stream_entries(self, channel: str) -> list[str] | None:
         """The durable channel's offsets as Redis holds them, when the target
@@ -498,6 +518,21 @@ class LocalTopology(Topology):
                 slot, lambda r: r["status"] == "UP" and r["check_status"] == "L7OK", "UP"
             )
 
+    async def delete_replica(self, name: str) -> str:
+        old = self.gateways[name]
+        await self._terminate(old)
+        new = self._spawn(name, old.port, self.redis.url)
+        await self._wait_readyz(new, 200)
+        await self._wait_status(
+            name, lambda r: r["status"] == "UP" and r["check_status"] == "L7OK", "UP"
+        )
+        return name
+
+    async def upgrade(self) -> None:
+        # One package on one machine: a new release is a restart of each
+        # process, one at a time.
+        await self.rolling_restart()
+
     async def scale(self, replicas: int) -> tuple[list[str], list[str]]:
         serving = sorted(s for s, g in self.gateways.items() if g.redis_url == self.redis.url)
         added: list[str] = []
@@ -566,6 +601,7 @@ class KindTopology(Topology):
         self.context = os.environ.get("E2E_KUBE_CONTEXT", "kind-redis-ws-gateway")
         self.namespace = os.environ.get("E2E_NAMESPACE", "default")
         release = os.environ.get("E2E_RELEASE", "gw")
+        self.release = release
         self.deployment = os.environ.get("E2E_DEPLOYMENT", f"{release}-redis-ws-gateway")
         self.selector = ",".join(
             [f"app.kubernetes.io/instance={release}", "app.kubernetes.io/component=gateway"]
@@ -694,6 +730,75 @@ class KindTopology(Topology):
     async def rolling_restart(self) -> None:
         await self.kubectl("rollout", "restart", f"deployment/{self.deployment}")
         await self._rollout()
+
+    async def delete_replica(self, name: str) -> str:
+        replicas = await self._replicas()
+        before = set(await self._settle(replicas))
+        # --wait=false: the pod drains for its grace period while the
+        # ReplicaSet starts its replacement.
+        await self.kubectl("delete", "pod", name, "--wait=false")
+        deadline = time.monotonic() + 300
+        while True:
+            after = set(await self._settle(replicas))
+            if name not in after:
+                added = sorted(after - before)
+                assert len(added) == 1, (before, after)
+                return added[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} was not replaced")
+            await asyncio.sleep(1)
+
+    min_ready_during_upgrade = 2
+
+    async def disruption_budget(self) -> tuple[int, int] | None:
+        pdb = await self._json("get", "poddisruptionbudget", self.deployment)
+        status = pdb.get("status", {})
+        return int(status.get("currentHealthy", 0)), int(status.get("desiredHealthy", 0))
+
+    async def helm_upgrade(self, *settings: str) -> None:
+        """``helm upgrade --reuse-values --wait`` of the release with ``--set``
+        for each setting."""
+        args = [
+            "upgrade",
+            self.release,
+            str(CHART),
+            "--kube-context",
+            self.context,
+            "--namespace",
+            self.namespace,
+            "--reuse-values",
+            "--wait",
+            "--timeout",
+            "5m",
+        ]
+        for setting in settings:
+            args += ["--set", setting]
+        proc = await asyncio.create_subprocess_exec(
+            os.environ.get("HELM", "helm"),
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 360)
+        if proc.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)}: {err.decode().strip()}")
+
+    async def upgrade(self) -> None:
+        """``helm upgrade`` to the other of two tags of the image (``make e2e``
+        loads both), keeping every other value of the release."""
+        dep = await self._json("get", "deployment", self.deployment)
+        containers = dep["spec"]["template"]["spec"]["containers"]
+        image = next(c["image"] for c in containers if c["name"] == "gateway")
+        repository, _, tag = image.rpartition(":")
+        other = os.environ.get("E2E_UPGRADE_TAG", "dev-upgrade")
+        base = os.environ.get("E2E_BASE_TAG", "dev")
+        new_tag = base if tag == other else other
+        await self.helm_upgrade(f"image.repository={repository}", f"image.tag={new_tag}")
+        await self._rollout()
+        for pod in await self._pods():
+            if self._owned_by_replicaset(pod) and not pod["metadata"].get("deletionTimestamp"):
+                images = [c["image"] for c in pod["spec"]["containers"] if c["name"] == "gateway"]
+                assert images == [f"{repository}:{new_tag}"], images
 
     async def scale(self, replicas: int) -> tuple[list[str], list[str]]:
         before = set(await self._settle(await self._replicas()))
