@@ -31,6 +31,7 @@ from tests.support.gateway import spawn_gateway
 from tests.support.rawws import (
     EMPTY_PING,
     PING,
+    RawClient,
     connect_raw,
     frame,
     healthz_seconds,
@@ -51,32 +52,30 @@ ATTACKS = [
 ]
 
 
+async def _flood(client: RawClient, chunk: bytes, end: float) -> None:
+    """``chunk`` again and again until ``end``, or until the gateway stops
+    reading (the write does not drain before then)."""
+    while time.monotonic() < end:
+        client.writer.write(chunk)
+        try:
+            async with asyncio.timeout(max(0.01, end - time.monotonic())):
+                await client.writer.drain()
+        except TimeoutError:
+            return
+
+
 async def _attack(kind: str, port: int, seconds: float) -> None:
     end = time.monotonic() + seconds
     if kind == "none":
         return
     if kind == "pings-no-read":
         client = await upgrade(port, rcvbuf=4096)
-        chunk = frame(PING, b"x" * 125) * 512
-        while time.monotonic() < end:
-            client.writer.write(chunk)
-            try:
-                async with asyncio.timeout(max(0.01, end - time.monotonic())):
-                    await client.writer.drain()
-            except TimeoutError:
-                break
+        await _flood(client, frame(PING, b"x" * 125) * 512, end)
         return
     if kind == "empty-pings":
         client = await upgrade(port)
-        chunk = EMPTY_PING * 10_000
-        reader = asyncio.create_task(client.reader.read(-1))
-        while time.monotonic() < end:
-            client.writer.write(chunk)
-            try:
-                async with asyncio.timeout(max(0.01, end - time.monotonic())):
-                    await client.writer.drain()
-            except TimeoutError:
-                break
+        reader = asyncio.create_task(client.reader.read(-1))  # reads its pongs
+        await _flood(client, EMPTY_PING * 10_000, end)
         reader.cancel()
         return
     if kind in ("fragments", "garbage"):
