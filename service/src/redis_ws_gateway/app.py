@@ -132,6 +132,13 @@ class Gateway:
             # client's is known only from the request, and counted then.
             settings.max_pending_handshakes_per_ip,
         )
+        # What each client may send, one set of limits for all (connection.py).
+        self.wire_budget = WireBudget(
+            settings.ws_max_frames_per_second,
+            settings.ws_frame_burst,
+            settings.ws_max_bytes_per_second,
+            max(settings.ws_max_bytes_per_second, 2 * settings.ws_max_message_bytes),
+        )
         # Accepted sockets not yet upgraded, with the address they count under.
         self._pending: dict[web.RequestHandler, str | None] = {}
         # Their request-head deadlines, until the first request starts.
@@ -304,12 +311,7 @@ class Gateway:
             counted_user=user,
             bucket=TokenBucket(s.rate_limit_per_second, s.rate_limit_burst),
             max_size=s.ws_max_message_bytes,
-            budget=WireBudget(
-                s.ws_max_frames_per_second,
-                s.ws_frame_burst,
-                s.ws_max_bytes_per_second,
-                max(s.ws_max_bytes_per_second, 2 * s.ws_max_message_bytes),
-            ),
+            budget=self.wire_budget,
             max_fragments=s.ws_max_fragments,
         )
         # From here on the socket's bytes go to conn (held until start()).

@@ -208,12 +208,14 @@ class WsConnection(asyncio.Protocol):
         "auth_timer",
         "bucket",
         "budget",
+        "bytes_tat",
         "close_code",
         "closing",
         "counted_user",
         "early",
         "expiry_timer",
         "finished",
+        "frames_tat",
         "inbox",
         "inbox_bytes",
         "ip",
@@ -261,6 +263,9 @@ class WsConnection(asyncio.Protocol):
         self.bucket = bucket
         self.max_size = max_size
         self.budget = budget
+        # Where this client stands against the budget (WireBudget).
+        self.frames_tat = 0.0
+        self.bytes_tat = 0.0
         self.max_fragments = max_fragments
         self.parser: Connection | None = None
         self.msg_parts: list[Any] | None = None
@@ -304,14 +309,14 @@ class WsConnection(asyncio.Protocol):
             return
         if self.closing:
             return
-        self.last_seen = asyncio.get_running_loop().time()
+        self.last_seen = now = asyncio.get_running_loop().time()
         parser = self.parser
         if parser is None:
             parser = self.parser = Connection(ConnectionType.SERVER)
         parser.receive_data(data)
         budget = self.budget
         if budget is not None and data:
-            budget.spend_bytes(len(data))
+            self.bytes_tat = budget.after_bytes(self.bytes_tat, now, len(data))
         self._parse()
 
     def _parse(self) -> None:
@@ -323,6 +328,7 @@ class WsConnection(asyncio.Protocol):
         if parser is None or self.paused & (PAUSE_BUDGET | PAUSE_WRITES):
             return
         budget = self.budget
+        now = asyncio.get_running_loop().time()
         for event in parser.events():
             if isinstance(event, TextMessage | BytesMessage):
                 if not self._message_part(event.data, event.frame_finished, event.message_finished):
@@ -334,7 +340,7 @@ class WsConnection(asyncio.Protocol):
                     # The client does not read what it gets: its pong waits,
                     # and so does everything else it sends, until it reads.
                     if budget is not None:
-                        budget.take_frame()
+                        self.frames_tat = budget.after_frame(self.frames_tat, now)
                     self.pending_pong = bytes(event.payload)
                     self._pause(PAUSE_WRITES)
                     return
@@ -350,16 +356,18 @@ class WsConnection(asyncio.Protocol):
                     self._close(int(event.code), "")
                 return
             # Pong: only last_seen matters.
-            if budget is not None and not budget.take_frame():
-                # This frame spent the last of the budget: the rest waits.
-                self._wait_for_budget()
-                return
+            if budget is not None:
+                self.frames_tat = budget.after_frame(self.frames_tat, now)
+                if budget.spent(self.frames_tat, 0.0, now):
+                    # This frame spent the last of the budget: the rest waits.
+                    self._wait_for_budget()
+                    return
         if self.max_size and self.msg_size + _announced(parser) > self.max_size:
             # Refused on its header: waiting for a payload that may never
             # come (a header can declare 2**63 bytes) would hold the socket.
             self._close(CLOSE_TOO_BIG, "")
             return
-        if budget is not None and budget.in_debt():
+        if budget is not None and budget.spent(self.frames_tat, self.bytes_tat, now):
             # The bytes of this read are over the budget: the next read waits.
             self._wait_for_budget()
         if self.msg_parts is None and parser_idle(parser):
@@ -370,9 +378,13 @@ class WsConnection(asyncio.Protocol):
         assert budget is not None
         self._pause(PAUSE_BUDGET)
         if self.resume_timer is None:
-            self.resume_timer = asyncio.get_running_loop().call_later(
-                budget.wait_seconds(), self._budget_refilled
-            )
+            self._resume_later(budget)
+
+    def _resume_later(self, budget: WireBudget) -> None:
+        loop = asyncio.get_running_loop()
+        at = budget.resume_at(self.frames_tat, self.bytes_tat)
+        # At least a few ms: the timer costs more than a frame.
+        self.resume_timer = loop.call_at(max(at, loop.time() + 0.005), self._budget_refilled)
 
     def _budget_refilled(self) -> None:
         self.resume_timer = None
@@ -380,10 +392,8 @@ class WsConnection(asyncio.Protocol):
             return
         budget = self.budget
         assert budget is not None
-        if budget.in_debt():
-            self.resume_timer = asyncio.get_running_loop().call_later(
-                budget.wait_seconds(), self._budget_refilled
-            )
+        if budget.resume_at(self.frames_tat, self.bytes_tat) > asyncio.get_running_loop().time():
+            self._resume_later(budget)
             return
         self._resume(PAUSE_BUDGET)
         self._parse()

@@ -30,72 +30,49 @@ class TokenBucket:
 
 
 # Reading resumes once this many frames (or the whole burst, if smaller)
-# are in the bucket again.
+# may be read again: a resume per frame would cost a timer per frame.
 RESUME_FRAMES = 10
 
 
 class WireBudget:
-    """What one client may send: ``frames`` frames and ``rate_bytes`` bytes
-    per second, with a burst of ``burst_frames`` and ``burst_bytes``.
+    """What one client may send: ``rate_frames`` frames and ``rate_bytes``
+    bytes per second, with bursts of ``burst_frames`` and ``burst_bytes``.
 
-    Spending may run into debt (a read's bytes are known only once read);
-    the connection pauses reading until the debt is paid back."""
+    One object holds the limits for every connection. A connection keeps
+    just two numbers, the theoretical arrival times of GCRA (the generic
+    cell rate algorithm: a token bucket as one timestamp): the time at which
+    its frames, and its bytes, would be paid off at the allowed rate. A
+    client is within its budget while those lie less than the burst's worth
+    of time ahead of now. Two floats rather than a bucket object keep an
+    idle connection small (docs/BENCHMARKS.md, W3)."""
 
-    __slots__ = (
-        "_burst_bytes",
-        "_burst_frames",
-        "_bytes",
-        "_frames",
-        "_last",
-        "_rate",
-        "_rate_bytes",
-    )
+    __slots__ = ("byte_cost", "byte_slack", "frame_cost", "frame_slack", "resume_slack")
 
     def __init__(
-        self,
-        rate_frames: float,
-        burst_frames: int,
-        rate_bytes: float,
-        burst_bytes: int,
-        now: float | None = None,
+        self, rate_frames: float, burst_frames: int, rate_bytes: float, burst_bytes: int
     ) -> None:
-        self._rate = rate_frames
-        self._burst_frames = float(burst_frames)
-        self._rate_bytes = rate_bytes
-        self._burst_bytes = float(burst_bytes)
-        self._frames = float(burst_frames)
-        self._bytes = float(burst_bytes)
-        self._last = time.monotonic() if now is None else now
+        self.frame_cost = 1.0 / rate_frames
+        self.frame_slack = burst_frames / rate_frames
+        self.byte_cost = 1.0 / rate_bytes
+        self.byte_slack = burst_bytes / rate_bytes
+        self.resume_slack = self.frame_slack - min(burst_frames, RESUME_FRAMES) * self.frame_cost
 
-    def _refill(self, now: float | None) -> None:
-        now = time.monotonic() if now is None else now
-        elapsed = now - self._last
-        if elapsed > 0:
-            self._last = now
-            self._frames = min(self._burst_frames, self._frames + elapsed * self._rate)
-            self._bytes = min(self._burst_bytes, self._bytes + elapsed * self._rate_bytes)
+    def after_frame(self, tat: float, now: float) -> float:
+        return (tat if tat > now else now) + self.frame_cost
 
-    def take_frame(self, now: float | None = None) -> bool:
-        """Spend one frame; False when nothing is left for the next one."""
-        self._refill(now)
-        self._frames -= 1.0
-        return self._frames >= 1.0
+    def after_bytes(self, tat: float, now: float, n: int) -> float:
+        return (tat if tat > now else now) + n * self.byte_cost
 
-    def spend_bytes(self, n: int, now: float | None = None) -> None:
-        self._refill(now)
-        self._bytes -= n
+    def spent(self, frames_tat: float, bytes_tat: float, now: float) -> bool:
+        """No room for one more frame, or bytes owed."""
+        return (
+            frames_tat + self.frame_cost - now > self.frame_slack
+            or bytes_tat - now > self.byte_slack
+        )
 
-    def in_debt(self, now: float | None = None) -> bool:
-        self._refill(now)
-        return self._frames < 1.0 or self._bytes < 0.0
-
-    def wait_seconds(self) -> float:
-        """How long until a few frames can be read and no bytes are owed:
-        a resume per frame would cost a timer per frame."""
-        want = min(self._burst_frames, RESUME_FRAMES)
-        frames = max(0.0, want - self._frames) / self._rate
-        size = max(0.0, -self._bytes) / self._rate_bytes
-        return max(0.005, frames, size)
+    def resume_at(self, frames_tat: float, bytes_tat: float) -> float:
+        """When a few frames may be read again and no bytes are owed."""
+        return max(frames_tat - self.resume_slack, bytes_tat - self.byte_slack)
 
 
 class ConnectionCounter:
