@@ -645,11 +645,17 @@ class Hub:
             self._end_run(write=not self._dirty)
         dirty = self._dirty
         if dirty:
-            # Through the session's own write, the one path with the checks
-            # that keep a closed client's socket from raising into the
-            # Redis reader (Session.write).
+            # Session.flush with the batch taken here: one call per session
+            # instead of two (flush, then write) on the path that W2
+            # measures. The bytes still go through Session.write, the one
+            # path with the checks that keep a closed client's socket from
+            # raising into the Redis reader.
             for session in dirty:
-                session.flush()
+                batch = session.batch
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                session.frames_sent += len(batch)
+                batch.clear()
+                session.write(data)
             dirty.clear()
         if self._routed:
             self._routed = False
