@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from . import protocol
 from .auth import Authenticator, Principal, build_acl
 from .config import Settings, SnapshotRule, origin_key
-from .connection import Detached, Wheel, WsConnection, detach
+from .connection import Detached, Limits, Wheel, WsConnection, detach
 from .durable import Durable, StreamSpec
 from .errors import (
     BadChannel,
@@ -133,11 +133,16 @@ class Gateway:
             settings.max_pending_handshakes_per_ip,
         )
         # What each client may send, one set of limits for all (connection.py).
-        self.wire_budget = WireBudget(
-            settings.ws_max_frames_per_second,
-            settings.ws_frame_burst,
-            settings.ws_max_bytes_per_second,
-            max(settings.ws_max_bytes_per_second, 2 * settings.ws_max_message_bytes),
+        self.limits = Limits(
+            WireBudget(
+                settings.ws_max_frames_per_second,
+                settings.ws_frame_burst,
+                settings.ws_max_bytes_per_second,
+                settings.ws_max_message_bytes,
+            ),
+            max_size=settings.ws_max_message_bytes,
+            max_fragments=settings.ws_max_fragments,
+            high_water=settings.outbound_high_water_bytes,
         )
         # Accepted sockets not yet upgraded, with the address they count under.
         self._pending: dict[web.RequestHandler, str | None] = {}
@@ -310,9 +315,7 @@ class Gateway:
             ip=ip,
             counted_user=user,
             bucket=TokenBucket(s.rate_limit_per_second, s.rate_limit_burst),
-            max_size=s.ws_max_message_bytes,
-            budget=self.wire_budget,
-            max_fragments=s.ws_max_fragments,
+            limits=self.limits,
         )
         # From here on the socket's bytes go to conn (held until start()).
         transport.set_protocol(conn)

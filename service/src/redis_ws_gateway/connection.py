@@ -102,6 +102,22 @@ def _announced(parser: Connection) -> int:
     return 0 if header is None else int(header.payload_len) - int(decoder.payload_consumed)
 
 
+class Limits:
+    """What every connection of a gateway may receive: one object shared by
+    all of them, so none carries the settings itself."""
+
+    __slots__ = ("budget", "high_water", "max_fragments", "max_size")
+
+    def __init__(
+        self, budget: WireBudget, *, max_size: int, max_fragments: int, high_water: int
+    ) -> None:
+        self.budget = budget
+        self.max_size = max_size  # bytes per message, all fragments (0: none)
+        self.max_fragments = max_fragments  # frames per message (0: no limit)
+        # The transport's high-water mark: past it the client is not reading.
+        self.high_water = high_water
+
+
 class Owner(Protocol):
     """What a connection asks of the gateway (app.Gateway)."""
 
@@ -207,22 +223,19 @@ class WsConnection(asyncio.Protocol):
         "age_timer",
         "auth_timer",
         "bucket",
-        "budget",
-        "bytes_tat",
+        "budget_tat",
         "close_code",
         "closing",
         "counted_user",
         "early",
         "expiry_timer",
         "finished",
-        "frames_tat",
         "inbox",
         "inbox_bytes",
         "ip",
         "last_seen",
+        "limits",
         "lost",
-        "max_fragments",
-        "max_size",
         "msg_frames",
         "msg_parts",
         "msg_size",
@@ -237,7 +250,6 @@ class WsConnection(asyncio.Protocol):
         "task",
         "transport",
         "wheel",
-        "write_paused",
     )
 
     def __init__(
@@ -250,9 +262,7 @@ class WsConnection(asyncio.Protocol):
         ip: str,
         counted_user: str | None,
         bucket: TokenBucket,
-        max_size: int,
-        budget: WireBudget | None = None,
-        max_fragments: int = 0,
+        limits: Limits,
     ) -> None:
         self.owner = owner
         self.transport = transport
@@ -261,12 +271,9 @@ class WsConnection(asyncio.Protocol):
         self.ip = ip
         self.counted_user = counted_user
         self.bucket = bucket
-        self.max_size = max_size
-        self.budget = budget
-        # Where this client stands against the budget (WireBudget).
-        self.frames_tat = 0.0
-        self.bytes_tat = 0.0
-        self.max_fragments = max_fragments
+        self.limits = limits
+        # Where this client stands against its budget (WireBudget).
+        self.budget_tat = 0.0
         self.parser: Connection | None = None
         self.msg_parts: list[Any] | None = None
         self.msg_size = 0
@@ -275,7 +282,6 @@ class WsConnection(asyncio.Protocol):
         self.inbox_bytes = 0
         self.paused = 0
         self.resume_timer: asyncio.TimerHandle | None = None
-        self.write_paused = False
         self.pending_pong: bytes | None = None
         self.task: asyncio.Task[None] | None = None
         self.auth_timer: asyncio.TimerHandle | None = None
@@ -314,9 +320,7 @@ class WsConnection(asyncio.Protocol):
         if parser is None:
             parser = self.parser = Connection(ConnectionType.SERVER)
         parser.receive_data(data)
-        budget = self.budget
-        if budget is not None and data:
-            self.bytes_tat = budget.after_bytes(self.bytes_tat, now, len(data))
+        self.budget_tat = self.limits.budget.spend(self.budget_tat, now, 0, len(data))
         self._parse()
 
     def _parse(self) -> None:
@@ -327,7 +331,8 @@ class WsConnection(asyncio.Protocol):
         parser = self.parser
         if parser is None or self.paused & (PAUSE_BUDGET | PAUSE_WRITES):
             return
-        budget = self.budget
+        limits = self.limits
+        budget = limits.budget
         now = asyncio.get_running_loop().time()
         for event in parser.events():
             if isinstance(event, TextMessage | BytesMessage):
@@ -336,11 +341,11 @@ class WsConnection(asyncio.Protocol):
                 if not event.frame_finished:
                     continue  # part of a frame that arrived in pieces: its bytes are counted
             elif isinstance(event, Ping):
-                if self.write_paused:
-                    # The client does not read what it gets: its pong waits,
-                    # and so does everything else it sends, until it reads.
-                    if budget is not None:
-                        self.frames_tat = budget.after_frame(self.frames_tat, now)
+                if self.transport.get_write_buffer_size() > limits.high_water:
+                    # The client does not read what it gets (the transport
+                    # has called pause_writing): its pong waits, and so does
+                    # everything else it sends, until it reads.
+                    self.budget_tat = budget.spend(self.budget_tat, now, 1)
                     self.pending_pong = bytes(event.payload)
                     self._pause(PAUSE_WRITES)
                     return
@@ -356,33 +361,31 @@ class WsConnection(asyncio.Protocol):
                     self._close(int(event.code), "")
                 return
             # Pong: only last_seen matters.
-            if budget is not None:
-                self.frames_tat = budget.after_frame(self.frames_tat, now)
-                if budget.spent(self.frames_tat, 0.0, now):
-                    # This frame spent the last of the budget: the rest waits.
-                    self._wait_for_budget()
-                    return
-        if self.max_size and self.msg_size + _announced(parser) > self.max_size:
+            self.budget_tat = tat = budget.spend(self.budget_tat, now, 1)
+            if budget.spent(tat, now):
+                # No room for one more frame: the rest waits.
+                self._wait_for_budget()
+                return
+        max_size = limits.max_size
+        if max_size and self.msg_size + _announced(parser) > max_size:
             # Refused on its header: waiting for a payload that may never
             # come (a header can declare 2**63 bytes) would hold the socket.
             self._close(CLOSE_TOO_BIG, "")
             return
-        if budget is not None and budget.spent(self.frames_tat, self.bytes_tat, now):
-            # The bytes of this read are over the budget: the next read waits.
+        if budget.spent(self.budget_tat, now):
+            # The bytes of this read spent the budget: the next read waits.
             self._wait_for_budget()
         if self.msg_parts is None and parser_idle(parser):
             self.parser = None
 
     def _wait_for_budget(self) -> None:
-        budget = self.budget
-        assert budget is not None
         self._pause(PAUSE_BUDGET)
         if self.resume_timer is None:
-            self._resume_later(budget)
+            self._resume_later()
 
-    def _resume_later(self, budget: WireBudget) -> None:
+    def _resume_later(self) -> None:
         loop = asyncio.get_running_loop()
-        at = budget.resume_at(self.frames_tat, self.bytes_tat)
+        at = self.limits.budget.resume_at(self.budget_tat)
         # At least a few ms: the timer costs more than a frame.
         self.resume_timer = loop.call_at(max(at, loop.time() + 0.005), self._budget_refilled)
 
@@ -390,10 +393,8 @@ class WsConnection(asyncio.Protocol):
         self.resume_timer = None
         if self.closing or self.lost:
             return
-        budget = self.budget
-        assert budget is not None
-        if budget.resume_at(self.frames_tat, self.bytes_tat) > asyncio.get_running_loop().time():
-            self._resume_later(budget)
+        if self.limits.budget.resume_at(self.budget_tat) > asyncio.get_running_loop().time():
+            self._resume_later()
             return
         self._resume(PAUSE_BUDGET)
         self._parse()
@@ -416,7 +417,8 @@ class WsConnection(asyncio.Protocol):
         # The limit is in bytes, as aiohttp's was; wsproto hands text over decoded.
         n = len(data) if not isinstance(data, str) or data.isascii() else len(data.encode())
         size = self.msg_size + n
-        if self.max_size and size > self.max_size:
+        max_size = self.limits.max_size
+        if max_size and size > max_size:
             self._close(CLOSE_TOO_BIG, "")
             return False
         parts = self.msg_parts
@@ -427,7 +429,8 @@ class WsConnection(asyncio.Protocol):
                 self.msg_frames += 1
             # The final frame is still to come: this message has more frames
             # than counted so far.
-            if self.max_fragments and self.msg_frames >= self.max_fragments:
+            max_fragments = self.limits.max_fragments
+            if max_fragments and self.msg_frames >= max_fragments:
                 self._close(CLOSE_POLICY, "too many fragments")
                 return False
             if parts is None:
@@ -479,11 +482,9 @@ class WsConnection(asyncio.Protocol):
         self._try_finish()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.session.start_lagging()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         self.owner.writable(self.session)
         if self.paused & PAUSE_WRITES and not self.closing:
             pong, self.pending_pong = self.pending_pong, None

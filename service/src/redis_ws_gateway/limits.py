@@ -36,43 +36,39 @@ RESUME_FRAMES = 10
 
 class WireBudget:
     """What one client may send: ``rate_frames`` frames and ``rate_bytes``
-    bytes per second, with bursts of ``burst_frames`` and ``burst_bytes``.
+    bytes per second, in one budget: a frame costs 1/``rate_frames`` seconds
+    of it and a byte 1/``rate_bytes``, and at most ``burst_frames`` frames'
+    worth of time (no less than two ``max_message`` bytes' worth) may be
+    spent ahead.
 
-    One object holds the limits for every connection. A connection keeps
-    just two numbers, the theoretical arrival times of GCRA (the generic
-    cell rate algorithm: a token bucket as one timestamp): the time at which
-    its frames, and its bytes, would be paid off at the allowed rate. A
-    client is within its budget while those lie less than the burst's worth
-    of time ahead of now. Two floats rather than a bucket object keep an
-    idle connection small (docs/BENCHMARKS.md, W3)."""
+    One object holds the limits for every connection. A connection keeps a
+    single number, the theoretical arrival time of GCRA (the generic cell
+    rate algorithm: a token bucket as one timestamp): when what it has sent
+    would be paid off at the allowed rates. It is within its budget while
+    that lies less than the burst ahead of now. One float instead of a bucket
+    object keeps an idle connection small (docs/BENCHMARKS.md, W3)."""
 
-    __slots__ = ("byte_cost", "byte_slack", "frame_cost", "frame_slack", "resume_slack")
+    __slots__ = ("byte_cost", "frame_cost", "resume_slack", "slack")
 
     def __init__(
-        self, rate_frames: float, burst_frames: int, rate_bytes: float, burst_bytes: int
+        self, rate_frames: float, burst_frames: int, rate_bytes: float, max_message: int = 0
     ) -> None:
         self.frame_cost = 1.0 / rate_frames
-        self.frame_slack = burst_frames / rate_frames
         self.byte_cost = 1.0 / rate_bytes
-        self.byte_slack = burst_bytes / rate_bytes
-        self.resume_slack = self.frame_slack - min(burst_frames, RESUME_FRAMES) * self.frame_cost
+        self.slack = max(burst_frames * self.frame_cost, 2 * max_message * self.byte_cost)
+        self.resume_slack = self.slack - min(burst_frames, RESUME_FRAMES) * self.frame_cost
 
-    def after_frame(self, tat: float, now: float) -> float:
-        return (tat if tat > now else now) + self.frame_cost
+    def spend(self, tat: float, now: float, frames: int, size: int = 0) -> float:
+        """The arrival time after ``frames`` frames and ``size`` bytes."""
+        return (tat if tat > now else now) + frames * self.frame_cost + size * self.byte_cost
 
-    def after_bytes(self, tat: float, now: float, n: int) -> float:
-        return (tat if tat > now else now) + n * self.byte_cost
+    def spent(self, tat: float, now: float) -> bool:
+        """No room for one more frame."""
+        return tat + self.frame_cost - now > self.slack
 
-    def spent(self, frames_tat: float, bytes_tat: float, now: float) -> bool:
-        """No room for one more frame, or bytes owed."""
-        return (
-            frames_tat + self.frame_cost - now > self.frame_slack
-            or bytes_tat - now > self.byte_slack
-        )
-
-    def resume_at(self, frames_tat: float, bytes_tat: float) -> float:
-        """When a few frames may be read again and no bytes are owed."""
-        return max(frames_tat - self.resume_slack, bytes_tat - self.byte_slack)
+    def resume_at(self, tat: float) -> float:
+        """When a few frames may be read again."""
+        return tat - self.resume_slack
 
 
 class ConnectionCounter:
