@@ -152,6 +152,9 @@ async def _measure(kind: str, seconds: float, rate: float) -> dict[str, Any]:
                 nonlocal received
                 while True:
                     f = await watcher.read_frame(timeout=seconds + 10)
+                    if f.opcode == PING:
+                        # Unanswered, the gateway drops it after 1.5 ping intervals.
+                        watcher.writer.write(frame(0xA, f.payload))
                     if f.opcode != 0x1:
                         continue
                     msg = orjson.loads(f.payload)
