@@ -264,13 +264,7 @@ class Gateway:
         sock_ip = self._pending[handler]
         refusal = self.connections.upgrade_refusal(sock_ip, ip, user)
         if refusal is not None:
-            status = 503 if "gateway" in refusal else 429
-            reason = (
-                "limit_total"
-                if status == 503
-                else ("limit_ip" if "address" in refusal else "limit_user")
-            )
-            return self._reject(status, reason, refusal)
+            return self._reject(*_LIMIT_REFUSALS[refusal], refusal)
         # aiohttp validates the upgrade and writes the 101; pings, client
         # frames and closing are the WsConnection's (heartbeat off here).
         ws = web.WebSocketResponse(
@@ -475,11 +469,7 @@ class Gateway:
                 self.settings.handshake_timeout_seconds, self._head_too_late, handler
             )
             return
-        status = 429 if "address" in refusal else 503
-        if "handshake" in refusal:
-            label = "limit_pending"
-        else:
-            label = "limit_ip" if status == 429 else "limit_total"
+        status, label = _LIMIT_REFUSALS[refusal]
         self.metrics.rejected.labels(label).inc()
         self._log_refusal(status, label, refusal)
         # Next in the loop, once aiohttp's handler has started: it is then
@@ -1116,6 +1106,17 @@ def _discard_input(fd: int) -> None:
                 return
         except OSError:  # nothing more to read now, or the peer is gone
             return
+
+
+# Each message ConnectionCounter refuses with: its HTTP status and the label
+# of the connections_rejected metric.
+_LIMIT_REFUSALS: dict[str, tuple[int, str]] = {
+    "too many connections on this gateway": (503, "limit_total"),
+    "too many handshakes in progress": (503, "limit_pending"),
+    "too many connections from this address": (429, "limit_ip"),
+    "too many handshakes from this address": (429, "limit_pending"),
+    "too many connections for this user": (429, "limit_user"),
+}
 
 
 def _early_refusal(status: int, reason: str) -> bytes:

@@ -15,9 +15,9 @@ What a connection still needs lives here:
 - Flow control: ``pause_writing``/``resume_writing`` from the transport mark
   the session lagging and drain it, instead of a buffer check per write.
 - A budget on what the client sends (docs/SECURITY.md): every frame, control
-  and continuation frames included, costs from one token bucket of frames and
-  one of bytes, before and after authentication. An empty bucket pauses
-  reading until it refills, so one read handles a bounded number of frames
+  and continuation frames included, and every byte costs from one budget
+  (WireBudget), before and after authentication. A spent budget pauses
+  reading until it is paid back, so one read handles a bounded number of frames
   and a flood is slowed to the budget's rate instead of holding the loop. A
   Ping that arrives while the client is not reading its own socket stops
   reading from it until it does: pongs never queue without bound.
@@ -61,7 +61,7 @@ INBOX_LIMIT = 65536
 
 # Why reading from a client is paused; it resumes when no reason is left.
 PAUSE_INBOX = 1  # client messages wait to be handled (INBOX_LIMIT)
-PAUSE_BUDGET = 2  # the frame or byte budget is spent until the buckets refill
+PAUSE_BUDGET = 2  # the budget is spent until enough of it is paid back
 PAUSE_WRITES = 4  # a Ping came while the client does not read what it gets
 
 # Outgoing control frames are serialised by wsproto. FrameProtocol.ping/pong/

@@ -645,17 +645,12 @@ class Hub:
             self._end_run(write=not self._dirty)
         dirty = self._dirty
         if dirty:
-            # Session.flush with the batch taken here: one call per session
-            # instead of two (flush, then write) on the path that W2
-            # measures. The bytes still go through Session.write, the one
-            # path with the checks that keep a closed client's socket from
-            # raising into the Redis reader.
+            # Through the session's own flush and write, the one path with
+            # the checks that keep a closed client's socket from raising
+            # into the Redis reader (W2 showed no cost for the calls:
+            # docs/BENCHMARKS.md, "A/B").
             for session in dirty:
-                batch = session.batch
-                data = batch[0] if len(batch) == 1 else b"".join(batch)
-                session.frames_sent += len(batch)
-                batch.clear()
-                session.write(data)
+                session.flush()
             dirty.clear()
         if self._routed:
             self._routed = False
