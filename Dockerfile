@@ -13,27 +13,29 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# The package's C extensions (the fan-out write loop and the bench's receive
-# loop, service/setup.py) need a compiler; the builder has it, the final image does not. Every
-# dependency ships manylinux wheels.
+# The gateway's C extension (the fan-out write loop, service/setup.py) needs
+# a compiler; the builder has it, the final image does not. Every dependency
+# ships manylinux wheels.
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # Dependencies first, from pyproject.toml alone with a placeholder package,
 # so editing source does not invalidate this (slow) layer.
+# The wire module (wire/) is the gateway's one in-repo dependency.
+COPY wire/ /build/wire/
 COPY service/pyproject.toml /build/deps/pyproject.toml
 RUN mkdir -p /build/deps/src/redis_ws_gateway \
     && touch /build/deps/src/redis_ws_gateway/__init__.py \
-    && pip install --prefer-binary /build/deps \
+    && pip install --prefer-binary /build/wire /build/deps \
     && pip uninstall --yes redis-ws-gateway
 
 COPY service/ /build/service/
 # A regular (not editable) install: the final image gets the venv, not the
 # source tree. pip byte-compiles here because the runtime filesystem is
-# read-only.
+# read-only. The client and the bench are other distributions: not here.
 RUN pip install --no-deps /build/service \
-    && python -c "import redis_ws_gateway.cli; from redis_ws_gateway import _fanout, _recvloop"
+    && python -c "import redis_ws_gateway.cli; from redis_ws_gateway.fanout import _fanout"
 
 
 FROM ${PYTHON_IMAGE}

@@ -22,8 +22,8 @@ demo: setup-demo
 	@$(VENV)/bin/redis-ws-gateway demo $(DEMO_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check service tests scripts
-	$(VENV)/bin/ruff format --check service tests scripts
+	$(VENV)/bin/ruff check service wire clients/python bench tests scripts
+	$(VENV)/bin/ruff format --check service wire clients/python bench tests scripts
 	$(VENV)/bin/mypy
 
 test: setup lint
@@ -86,7 +86,7 @@ e2e: setup
 	echo "make e2e: passed in $$(( $$(date +%s) - start ))s"
 
 bench: setup
-	$(VENV)/bin/redis-ws-gateway bench $(BENCH_ARGS)
+	$(VENV)/bin/redis-ws-bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache artifacts

@@ -83,17 +83,23 @@ fi
 # Debian starts a system redis-server on 6379 when it installs the package; the
 # demo and the tests start their own on free ports, so that one is harmless.
 
-# --- the Python package --------------------------------------------------------
+# --- the Python packages -------------------------------------------------------
 PY=${PYTHON:-python3}
-# The editable install builds the C extension into the source tree, so its
-# source and setup.py are part of what a change must reinstall.
-hash=$(cat service/pyproject.toml service/setup.py service/src/redis_ws_gateway/*.c | sha256sum | cut -c1-16)
+# Four distributions from this repository (docs/ARCHITECTURE.md, "Layout"): the
+# wire module, the gateway, the Python client, and (tests only) the bench.
+# Editable installs build the C extensions into the source trees, so their
+# sources and setup.py files are part of what a change must reinstall.
+hash=$(cat wire/pyproject.toml service/pyproject.toml service/setup.py \
+  service/src/redis_ws_gateway/fanout/*.c clients/python/pyproject.toml \
+  bench/pyproject.toml bench/setup.py bench/src/redis_ws_bench/*.c | sha256sum | cut -c1-16)
 dev_stamp=.venv/.installed-dev-$hash
 runtime_stamp=.venv/.installed-runtime-$hash
 if [ "$mode" = test ]; then
-  stamp=$dev_stamp; spec="service[dev]"; what="the package with its dev tools"
+  stamp=$dev_stamp; what="the packages with their dev tools and the bench"
+  specs=(-e ./wire -e "./service[dev]" -e ./clients/python -e ./bench)
 else
-  stamp=$runtime_stamp; spec="service"; what="the package"
+  stamp=$runtime_stamp; what="the gateway and its client"
+  specs=(-e ./wire -e ./service -e ./clients/python)
 fi
 # The dev install holds everything the runtime one does.
 if [ -f "$stamp" ] || [ -f "$dev_stamp" ]; then
@@ -102,7 +108,7 @@ else
   begin "creating .venv and installing $what (pip; under a minute on a fresh machine)"
   if [ "$dry" != 1 ]; then
     [ -x .venv/bin/python ] || "$PY" -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check -e "$spec"
+    .venv/bin/pip install -q --disable-pip-version-check "${specs[@]}"
     if [ "$mode" = test ]; then rm -f .venv/.installed-*; fi
     touch "$stamp"
   fi

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 from tests.support.gateway import wait_ready
 from tests.support.redis_server import RedisServer, free_port
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from redis_ws_gateway.client import (
+from redis_ws_client.client import (
     ConnectionClosed,
     GatewayClient,
     HandshakeRefused,

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 
 from .conftest import TARGET
 from .topology import KindTopology, Topology

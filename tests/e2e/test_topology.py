@@ -15,7 +15,7 @@ import uuid
 import aiohttp
 import pytest
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 
 from .clients import (
     DurableFollower,

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from redis_ws_gateway.client import BadRequestError, GatewayClient
+from redis_ws_client.client import BadRequestError, GatewayClient
 from tests.support.redis_server import RedisServer, free_port
 
 DURABLE_PATTERN = "engine:decision:*"

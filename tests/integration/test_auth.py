@@ -21,10 +21,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from redis_ws_gateway.acl import Acl, RolePolicy
-from redis_ws_gateway.auth import Principal
-from redis_ws_gateway.client import GatewayClient, ServerError
+from redis_ws_client.client import GatewayClient, ServerError
 from redis_ws_gateway.config import RoleConfig
+from redis_ws_gateway.security.acl import Acl, RolePolicy
+from redis_ws_gateway.security.auth import Principal
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
 from tests.support.redis_server import free_port

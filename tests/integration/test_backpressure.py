@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from redis_ws_gateway import connection
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
+from redis_ws_gateway.ws import connection
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
 

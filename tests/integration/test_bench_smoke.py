@@ -14,15 +14,15 @@ import pytest
 
 
 def _command() -> list[str]:
-    script = Path(sys.executable).with_name("redis-ws-gateway")
+    script = Path(sys.executable).with_name("redis-ws-bench")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "redis_ws_gateway"]
+    return [sys.executable, "-m", "redis_ws_bench"]
 
 
 def _receivers() -> list[str]:
     try:
-        from redis_ws_gateway import _recvloop  # noqa: F401
+        from redis_ws_bench import _recvloop  # noqa: F401
     except ImportError:
         return ["python"]
     return ["c", "python"]
@@ -35,7 +35,6 @@ def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path, receiver
     proc = subprocess.run(
         [
             *_command(),
-            "bench",
             "--workload",
             "W1",
             "--quick",
@@ -97,7 +96,7 @@ def test_bench_durable_quick_replays_resumes_and_delivers(tmp_path: Path) -> Non
     out = tmp_path / "bench"
     proc = subprocess.run(
         [
-            *_command(), "bench", "--workload", "D1,D2,D3", "--quick", "--retries", "0",
+            *_command(), "--workload", "D1,D2,D3", "--quick", "--retries", "0",
             "--no-floor", "--out", str(out),
         ],
         capture_output=True,
@@ -135,7 +134,7 @@ def test_bench_durable_quick_replays_resumes_and_delivers(tmp_path: Path) -> Non
 def test_bench_w5_quick_slows_some_clients_and_samples_the_kernel_queues(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [*_command(), "bench", "--workload", "W5,W5B", "--quick", "--retries", "0", "--no-floor",
+        [*_command(), "--workload", "W5,W5B", "--quick", "--retries", "0", "--no-floor",
          "--out", str(out)],
         capture_output=True, text=True, timeout=110,
     )  # fmt: skip

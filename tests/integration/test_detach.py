@@ -17,8 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.web_protocol import RequestHandler
 
-from redis_ws_gateway.client import GatewayClient
-from redis_ws_gateway.connection import WsConnection
+from redis_ws_client.client import GatewayClient
+from redis_ws_gateway.ws.connection import WsConnection
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
 from tests.support.rawws import frame

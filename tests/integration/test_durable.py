@@ -15,9 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from redis_ws_gateway.client import GatewayClient, ServerError
+from redis_ws_client.client import GatewayClient, ServerError
 from redis_ws_gateway.config import DurableRule, ExposedStream, SnapshotRule
-from redis_ws_gateway.durable import RENEW_READER_AFTER
+from redis_ws_gateway.upstream.durable import RENEW_READER_AFTER
 from tests.support.gateway import RunningGateway, gateway_settings, spawn_gateway
 from tests.support.redis_server import RedisServer, free_port
 

@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from redis_ws_gateway.globmatch import encode_name, glob_match_bytes, literal_prefix
+from redis_ws_gateway.security.globmatch import encode_name, glob_match_bytes, literal_prefix
 from tests.support.redis_server import RedisServer
 
 SENTINEL = b"__globmatch_sentinel__"

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 from tests.support.gateway import RunningGateway, spawn_gateway, wait_ready
 from tests.support.redis_server import RedisServer, free_port
 
@@ -80,7 +80,7 @@ async def test_tail_prints_frames(gateway: RunningGateway, redis_client: aioredi
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "redis_ws_gateway",
+        "redis_ws_client",
         "tail",
         gateway.url,
         "market:tick:*",

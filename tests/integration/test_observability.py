@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 from redis_ws_gateway.config import DurableRule
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway, gateway_settings
@@ -178,7 +178,7 @@ async def test_process_metrics_are_exported(gateway: RunningGateway) -> None:
 
 
 async def test_tracing_is_off_without_otel_settings() -> None:
-    from redis_ws_gateway.tracing import provider_from_env
+    from redis_ws_gateway.observability.tracing import provider_from_env
 
     assert provider_from_env({}) is None
     assert (
@@ -230,8 +230,8 @@ def test_openapi_describes_exactly_the_http_routes(tmp_path: object) -> None:
 
     import yaml
 
-    from redis_ws_gateway.app import Gateway
     from redis_ws_gateway.config import Settings
+    from redis_ws_gateway.server import Gateway
 
     spec = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
     documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from redis_ws_gateway.client import GatewayClient, ServerError
+from redis_ws_client.client import GatewayClient, ServerError
 from tests.support.gateway import RunningGateway
 
 

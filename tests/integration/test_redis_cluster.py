@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 from redis_ws_gateway.config import ConfigError, DurableRule, load_settings
 from redis_ws_gateway.publish import apublish
 from tests.support.cli import run_cli

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 from redis_ws_gateway.config import DurableRule
 from tests.support.gateway import RunningGateway, gateway_settings
 from tests.support.redis_server import RedisServer, free_port

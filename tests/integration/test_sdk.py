@@ -17,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from redis_ws_gateway.client import (
+from redis_ws_client.client import (
     BadChannelError,
     ForbiddenError,
     Gap,
@@ -28,11 +28,11 @@ from redis_ws_gateway.client import (
     UnauthorizedError,
     UnknownActionError,
 )
+from redis_ws_client.sdk import ResilientClient, State
 from redis_ws_gateway.config import RoleConfig
 from redis_ws_gateway.publish import apublish, apublish_durable, publish, publish_durable
-from redis_ws_gateway.sdk import ResilientClient, State
 from tests.conftest import GatewayFactory
-from tests.support.cli import run_cli
+from tests.support.cli import run_cli, run_client_cli
 from tests.support.gateway import RunningGateway
 from tests.support.redis_server import RedisServer
 
@@ -466,7 +466,7 @@ async def test_cli_publish_plain_and_durable(
 
 
 async def test_cli_ping_prints_latency_percentiles(gateway: RunningGateway) -> None:
-    code, out, err = await run_cli("ping", gateway.url, "--count", "5", "--interval", "0.01")
+    code, out, err = await run_client_cli("ping", gateway.url, "--count", "5", "--interval", "0.01")
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 6 and all(line.startswith("pong ") for line in lines[:5])
@@ -476,5 +476,5 @@ async def test_cli_ping_prints_latency_percentiles(gateway: RunningGateway) -> N
 
 
 async def test_cli_ping_reports_an_unreachable_gateway() -> None:
-    code, _, err = await run_cli("ping", "ws://127.0.0.1:9/ws", "--count", "1")
+    code, _, err = await run_client_cli("ping", "ws://127.0.0.1:9/ws", "--count", "1")
     assert code == 1 and "ping: cannot connect to ws://127.0.0.1:9/ws" in err

@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from redis_ws_gateway.client import Gap, Message
+from redis_ws_client.client import Gap, Message
+from redis_ws_client.sdk import ResilientClient, State, Subscription
 from redis_ws_gateway.publish import apublish_durable, stream_key
-from redis_ws_gateway.sdk import ResilientClient, State, Subscription
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
 
 
 def _server_supports_durable() -> bool:
-    return importlib.util.find_spec("redis_ws_gateway.durable") is not None
+    return importlib.util.find_spec("redis_ws_gateway.upstream.durable") is not None
 
 
 pytestmark = pytest.mark.skipif(
@@ -189,7 +189,7 @@ async def test_tail_since_prints_replayed_history(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "redis_ws_gateway",
+        "redis_ws_client",
         "tail",
         durable_gateway.url,
         CHANNEL,

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import redis.asyncio as aioredis
 
-from redis_ws_gateway.client import GatewayClient
+from redis_ws_client.client import GatewayClient
 from tests.support.gateway import RunningGateway
 from tests.support.redis_server import RedisServer
 

@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from redis_ws_gateway import app as app_module
-from redis_ws_gateway.client import GatewayClient, HandshakeRefused, ServerError
-from redis_ws_gateway.sdk import ResilientClient
+from redis_ws_client.client import GatewayClient, HandshakeRefused, ServerError
+from redis_ws_client.sdk import ResilientClient
+from redis_ws_gateway import server as app_module
 from tests.conftest import GatewayFactory
-from tests.support.cli import run_cli
+from tests.support.cli import run_cli, run_client_cli
 from tests.support.gateway import RunningGateway, spawn_gateway, wait_ready
 from tests.support.redis_server import RedisServer, free_port
 
@@ -172,7 +172,7 @@ async def test_the_fd_limit_line_warns_only_about_a_chosen_limit(
 
 async def test_tail_with_a_bad_token_says_why_in_one_line(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway(api_key=KEY, require_auth=True)
-    code, _, err = await run_cli("tail", "--token", "not-the-key", gw.url, "market:tick:*")
+    code, _, err = await run_client_cli("tail", "--token", "not-the-key", gw.url, "market:tick:*")
     assert code == 1
     assert err.strip().splitlines() == [
         "tail: gateway refused the connection: HTTP 401 invalid credential "
@@ -183,7 +183,7 @@ async def test_tail_with_a_bad_token_says_why_in_one_line(make_gateway: GatewayF
 @pytest.mark.parametrize("url", ["localhost:8889/ws", "http://localhost:8889/ws", "ws://h:99999"])
 async def test_tail_and_ping_with_a_bad_url_say_so_in_one_line(url: str) -> None:
     for command in (("tail", url, "x"), ("ping", url)):
-        code, _, err = await run_cli(*command)
+        code, _, err = await run_client_cli(*command)
         assert code == 2, err
         [line] = err.strip().splitlines()
         assert line.startswith(f"{command[0]}: not a") and url in line
@@ -193,7 +193,7 @@ async def test_tail_into_head_ends_quietly(
     gateway: RunningGateway, redis_client: aioredis.Redis
 ) -> None:
     script = (
-        f"{sys.executable} -m redis_ws_gateway tail {gateway.url} 'market:tick:*' | head -n 1; "
+        f"{sys.executable} -m redis_ws_client tail {gateway.url} 'market:tick:*' | head -n 1; "
         "exit ${PIPESTATUS[0]}"
     )
     proc = await asyncio.create_subprocess_exec(

@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
-from redis_ws_gateway.app import Gateway
 from redis_ws_gateway.config import Settings
+from redis_ws_gateway.server import Gateway
 
 from .redis_server import free_port
 

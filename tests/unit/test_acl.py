@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redis_ws_gateway.acl import Acl, RolePolicy
-from redis_ws_gateway.globmatch import glob_match, literal_prefix
+from redis_ws_gateway.security.acl import Acl, RolePolicy
+from redis_ws_gateway.security.globmatch import glob_match, literal_prefix
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from redis_ws_gateway.hub import Hub
-from redis_ws_gateway.session import Session
+from redis_ws_gateway.fanout.hub import Hub
+from redis_ws_gateway.fanout.session import Session
 
 
 class _Principal:

@@ -7,7 +7,7 @@ import os
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
-from redis_ws_gateway.connection import PING_FRAME, close_frame, parser_idle, pong_frame
+from redis_ws_gateway.ws.connection import PING_FRAME, close_frame, parser_idle, pong_frame
 
 
 def _masked(payload: bytes, first: int = 0x81) -> bytes:

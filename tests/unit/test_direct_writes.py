@@ -1,6 +1,6 @@
 """Direct writes: a read's lone message goes from the hub to each client's
 socket with one write, past the transport, and never out of order. Every
-test runs with both fan-out loops: the C one (redis_ws_gateway._fanout) and
+test runs with both fan-out loops: the C one (redis_ws_gateway.fanout._fanout) and
 its Python twin.
 
 Pure logic on real sockets (socket pairs; no Redis). The transport is a
@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from redis_ws_gateway import fanout
-from redis_ws_gateway.hub import Hub, Topic
-from redis_ws_gateway.session import Session
+from redis_ws_gateway.fanout import writer as fanout
+from redis_ws_gateway.fanout.hub import Hub, Topic
+from redis_ws_gateway.fanout.session import Session
 
 CHANNEL = b"market:tick:X"
 

@@ -1,4 +1,4 @@
-"""The fan-out write loop: the C one (redis_ws_gateway._fanout) and its
+"""The fan-out write loop: the C one (redis_ws_gateway.fanout._fanout) and its
 Python twin give the same answers on real descriptors."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from redis_ws_gateway import fanout
-from redis_ws_gateway.fanout import WriteEach
+from redis_ws_gateway.fanout import writer as fanout
+from redis_ws_gateway.fanout.writer import WriteEach
 
 FRAME = b"\x81\x7e\x00\xfa" + b"t" * 250
 
@@ -20,7 +20,7 @@ FRAME = b"\x81\x7e\x00\xfa" + b"t" * 250
 def test_the_c_loop_is_built() -> None:
     # make setup builds it (pip install -e needs a C compiler); without it the
     # gateway still runs, ~1 us per delivery slower, and says so when it starts.
-    assert fanout.NATIVE, "redis_ws_gateway._fanout is missing: reinstall with a C compiler"
+    assert fanout.NATIVE, "redis_ws_gateway.fanout._fanout is missing: reinstall with a C compiler"
     assert fanout.write_each is fanout.write_each_c
 
 
@@ -116,7 +116,7 @@ def test_the_c_loop_rejects_what_is_not_a_list_of_descriptors() -> None:
 
 def test_native_writes_off_gives_the_hub_the_python_loop() -> None:
     from redis_ws_gateway.config import load_settings
-    from redis_ws_gateway.hub import Hub
+    from redis_ws_gateway.fanout.hub import Hub
 
     settings = load_settings({"NATIVE_WRITES": "false"})
     assert settings.native_writes is False

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redis_ws_gateway.globmatch import (
+from redis_ws_gateway.security.globmatch import (
     encode_name,
     glob_match,
     glob_match_bytes,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.registry import Collector
 
-from redis_ws_gateway.metrics import PlainHistogram
+from redis_ws_gateway.observability.metrics import PlainHistogram
 
 BOUNDS = (0.001, 0.01, 0.1)
 VALUES = (0.0005, 0.001, 0.002, 0.01, 0.05, 0.5, 7.0)

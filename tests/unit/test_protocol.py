@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redis_ws_gateway import protocol
 from redis_ws_gateway.errors import BadChannel, BadField, BadJson, GatewayError, UnknownAction
+from redis_ws_gateway.ws import protocol
 
 
 def test_subscribe_request_is_decoded_with_duplicates_folded() -> None:
@@ -129,9 +129,10 @@ def test_decoder_never_fails_other_than_with_a_protocol_error(text: str) -> None
 def test_every_error_code_and_close_code_is_documented() -> None:
     from pathlib import Path
 
-    from redis_ws_gateway import app, session
-    from redis_ws_gateway.durable import UpstreamUnavailable
+    from redis_ws_gateway import server as app
     from redis_ws_gateway.errors import ALL_ERRORS
+    from redis_ws_gateway.fanout import session
+    from redis_ws_gateway.upstream.durable import UpstreamUnavailable
 
     doc = (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text()
     codes = {cls.code for cls in (*ALL_ERRORS, UpstreamUnavailable)}

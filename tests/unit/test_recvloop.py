@@ -15,8 +15,8 @@ import pytest
 # Not importorskip: make setup builds the extension, and a checkout where it
 # is missing must fail here (the bench would quietly fall back to its asyncio
 # receivers, which its report names).
-from redis_ws_gateway import _recvloop as recvloop
-from redis_ws_gateway import bench
+from redis_ws_bench import _recvloop as recvloop
+from redis_ws_bench import bench
 
 OFFSET = bench.OFFSET
 

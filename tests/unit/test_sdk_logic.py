@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import WSMsgType, web
 
-from redis_ws_gateway.client import (
+from redis_ws_client.client import (
     BadChannelError,
     ConnectionClosed,
     ForbiddenError,
@@ -25,7 +25,7 @@ from redis_ws_gateway.client import (
     UnauthorizedError,
     UpstreamUnavailableError,
 )
-from redis_ws_gateway.sdk import (
+from redis_ws_client.sdk import (
     ResilientClient,
     Subscription,
     SubscriptionDropped,

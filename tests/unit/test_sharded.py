@@ -8,8 +8,8 @@ from typing import Any
 
 import hiredis
 
-from redis_ws_gateway.sharded import SlotMap
-from redis_ws_gateway.upstream import PubSubProtocol, SubKind
+from redis_ws_gateway.upstream.pubsub import PubSubProtocol, SubKind
+from redis_ws_gateway.upstream.sharded import SlotMap
 
 
 def _node(flags: str, epoch: int, *spans: list[str]) -> dict[str, Any]:

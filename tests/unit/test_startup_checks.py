@@ -14,7 +14,11 @@ from redis_ws_gateway.config import (
     settings_help,
     unknown_setting_warnings,
 )
-from redis_ws_gateway.tracing import check_env, context_from_headers, provider_from_env
+from redis_ws_gateway.observability.tracing import (
+    check_env,
+    context_from_headers,
+    provider_from_env,
+)
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:99999", "redis://127.0.0.1:0", "redis://h:x"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from redis_ws_gateway.upstream import Upstream
+from redis_ws_gateway.upstream.pubsub import Upstream
 
 
 class _Listener:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from redis_ws_gateway.limits import RESUME_FRAMES, WireBudget
+from redis_ws_gateway.security.limits import RESUME_FRAMES, WireBudget
 
 
 def _frames_until_spent(budget: WireBudget, tat: float, now: float) -> tuple[int, float]:

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from redis_ws_gateway.cli import main
 
 sys.exit(main())

@@ -1,23 +1,26 @@
-"""`redis-ws-gateway` command line: serve, tail, demo, demo-publisher, selftest,
-bench, publish, ping."""
+"""`redis-ws-gateway` command line: serve, demo, demo-publisher, selftest,
+publish. The client commands (tail, ping) are `redis-ws-client`'s, the load
+generator is `redis-ws-bench` (a development tool, not in the product)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import math
 import os
 import sys
-import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 import uvloop
 
-from .config import ConfigError, load_settings, settings_help, unknown_setting_warnings
+from redis_ws_gateway.config import (
+    ConfigError,
+    load_settings,
+    settings_help,
+    unknown_setting_warnings,
+)
+from redis_ws_wire import ws_url_error
 
 
 def _version() -> str:
@@ -30,7 +33,7 @@ def _version() -> str:
 
 
 def _cmd_serve(_: argparse.Namespace) -> int:
-    from .tracing import check_env
+    from redis_ws_gateway.observability.tracing import check_env
 
     try:
         settings = load_settings()
@@ -40,8 +43,8 @@ def _cmd_serve(_: argparse.Namespace) -> int:
         return 2
     import structlog
 
-    from .app import ListenError, serve
-    from .logs import configure_logging
+    from redis_ws_gateway.observability.logs import configure_logging
+    from redis_ws_gateway.server import ListenError, serve
 
     configure_logging(settings)
     for warning in unknown_setting_warnings():
@@ -54,135 +57,8 @@ def _cmd_serve(_: argparse.Namespace) -> int:
     return 0
 
 
-def _ws_url_error(url: str) -> str | None:
-    """Why ``url`` cannot be a gateway WebSocket URL, or None."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError as exc:
-        return f"not a valid URL: {url} ({exc})"
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        return f"not a WebSocket URL: {url} (expected ws://HOST:PORT/ws or wss://...)"
-    return None
-
-
-def _client_failure(command: str, url: str, exc: BaseException) -> str:
-    """One line for a failure to reach or use the gateway."""
-    from .client import HandshakeRefused
-
-    if isinstance(exc, HandshakeRefused):
-        hint = ""
-        if exc.status == 401:
-            hint = " (pass a valid --token, or set GATEWAY_TOKEN)"
-        return f"{command}: {exc}{hint}"
-    if isinstance(exc, TimeoutError):
-        return f"{command}: {url} did not answer in time"
-    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return f"{command}: cannot connect to {url}: {detail}"
-
-
-def _quiet_broken_pipe() -> int:
-    """The reader of our output went away (``| head``): that ends the command
-    normally. Further writes to the closed pipe must not raise again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return 0
-
-
-async def _tail(
-    url: str, patterns: list[str], token: str | None, raw: bool, since: str | None = None
-) -> int:
-    from .client import GatewayClient, ServerError
-    from .sdk import is_pattern
-
-    counts: dict[str, int] = defaultdict(int)
-    last_seq: dict[str, int] = {}
-    gaps = 0
-    started = time.monotonic()
-    specs: list[str | dict[str, Any]] = [
-        {"channel": c, "since": since} if since is not None and not is_pattern(c) else c
-        for c in patterns
-    ]
-    async with GatewayClient(url, token) as client:
-        try:
-            reply = await client.subscribe(*specs)
-        except ServerError as exc:
-            print(f"tail: subscribe refused: {exc}", file=sys.stderr)
-            return 1
-        for sub in reply["subscriptions"]:
-            key = sub.get("channel") or sub.get("pattern")
-            last_seq[key] = sub["seq"]
-        print(f"tail: subscribed {orjson.dumps(reply['subscriptions']).decode()}", file=sys.stderr)
-        try:
-            async for frame in client.frames():
-                kind = frame.get("type")
-                if kind == "data":
-                    key = frame.get("pattern") or frame["channel"]
-                    seq = frame.get("seq")
-                    # Replayed history of a durable channel has an offset but no seq.
-                    if seq is not None:
-                        expected = last_seq.get(key, 0) + 1
-                        if seq != expected:
-                            gaps += 1
-                            print(
-                                f"tail: GAP on {key}: expected seq {expected}, got {seq}",
-                                file=sys.stderr,
-                            )
-                        last_seq[key] = seq
-                    counts[frame["channel"]] += 1
-                    if raw:
-                        print(orjson.dumps(frame).decode(), flush=True)
-                    else:
-                        data = orjson.dumps(frame["data"]).decode()
-                        where = f"#{seq}" if seq is not None else "replay"
-                        if "offset" in frame:
-                            where += f" @{frame['offset']}"
-                        print(f"{frame['channel']} {where} {data}", flush=True)
-                else:
-                    if kind == "resubscribed":
-                        for sub in frame["subscriptions"]:
-                            last_seq[sub.get("channel") or sub.get("pattern")] = sub["seq"]
-                    print(f"tail: {orjson.dumps(frame).decode()}", file=sys.stderr, flush=True)
-        except asyncio.CancelledError:
-            pass
-    elapsed = max(time.monotonic() - started, 1e-9)
-    total = sum(counts.values())
-    print(
-        f"tail: {total} messages in {elapsed:.1f}s ({total / elapsed:.1f}/s), "
-        f"{len(counts)} channels, {gaps} gaps, closed with {client.close_code}",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def _cmd_tail(args: argparse.Namespace) -> int:
-    from .sdk import is_pattern
-
-    if args.since is not None and all(is_pattern(c) for c in args.channels):
-        print("tail: --since applies to exact (durable) channels, not patterns", file=sys.stderr)
-        return 2
-    import aiohttp
-
-    from .client import GatewayClientError
-
-    if (problem := _ws_url_error(args.url)) is not None:
-        print(f"tail: {problem}", file=sys.stderr)
-        return 2
-    try:
-        return uvloop.run(_tail(args.url, args.channels, args.token, args.raw, args.since))
-    except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:
-        return _quiet_broken_pipe()
-    except (GatewayClientError, OSError, aiohttp.ClientError, TimeoutError) as exc:
-        print(_client_failure("tail", args.url, exc), file=sys.stderr)
-        return 1
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from redis_ws_gateway.demo import run_demo
 
     try:
         # Validated even with --port: a bad REDIS_URL is one line here, not a
@@ -198,7 +74,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_demo_publisher(args: argparse.Namespace) -> int:
     import redis
 
-    from .demo import publish_forever
+    from redis_ws_gateway.demo import publish_forever
 
     try:
         uvloop.run(publish_forever(args.redis_url, args.rate))
@@ -210,27 +86,43 @@ def _cmd_demo_publisher(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SelftestFailed(Exception):
+    pass
+
+
 async def _selftest(url: str, redis_url: str | None, token: str | None, timeout: float) -> int:
+    # On aiohttp alone: the image carries the gateway, not the client package.
     import aiohttp
     import redis.asyncio as aioredis
 
-    from .client import GatewayClient
-
     channel = f"selftest:{uuid.uuid4().hex}"
-    async with GatewayClient(url, token, timeout=timeout) as client:
-        await client.subscribe(channel)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
+        http.ws_connect(url, headers=headers) as ws,
+    ):
+
+        async def next_frame() -> dict[str, Any]:
+            msg = await ws.receive(timeout)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise _SelftestFailed(f"the gateway closed the connection ({ws.close_code})")
+            frame: dict[str, Any] = orjson.loads(msg.data)
+            if frame.get("type") == "error":
+                raise _SelftestFailed(f"{frame.get('code')}: {frame.get('message')}")
+            return frame
+
+        await ws.send_str(
+            orjson.dumps({"action": "subscribe", "channels": [channel], "requestId": 1}).decode()
+        )
+        while (await next_frame()).get("type") != "subscribed":
+            pass
         if redis_url is None:
             # Through the gateway's own /publish: works with whatever Redis
             # topology the gateway uses (Sentinel, TLS) without knowing it.
             http_url = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
             http_url = http_url.rsplit("/ws", 1)[0] + "/publish"
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(
-                    http_url, json={"channel": channel, "data": {"selftest": True}}, headers=headers
-                ) as resp,
-            ):
+            body = {"channel": channel, "data": {"selftest": True}}
+            async with http.post(http_url, json=body, headers=headers) as resp:
                 if resp.status != 200:
                     hint = " (pass the gateway's API key as --token)" if resp.status == 401 else ""
                     print(f"selftest: /publish answered {resp.status}{hint}", file=sys.stderr)
@@ -246,36 +138,36 @@ async def _selftest(url: str, redis_url: str | None, token: str | None, timeout:
                 await r.publish(channel, b'{"selftest":true}')
             finally:
                 await r.aclose()
-        frame = await client.next_of_type("data", timeout)
+        while (frame := await next_frame()).get("type") != "data":
+            pass
         if frame["channel"] != channel:
             return 1
     print(f"selftest: received the published message through {url}")
     return 0
 
 
-def aiohttp_errors() -> type[Exception]:
+def _cmd_selftest(args: argparse.Namespace) -> int:
     import aiohttp
 
-    return aiohttp.ClientError
-
-
-def _cmd_selftest(args: argparse.Namespace) -> int:
-    from .client import GatewayClientError
-
-    if (problem := _ws_url_error(args.url)) is not None:
+    if (problem := ws_url_error(args.url)) is not None:
         print(f"selftest: {problem}", file=sys.stderr)
         return 2
     try:
         return uvloop.run(_selftest(args.url, args.redis_url, args.token, args.timeout))
-    except (GatewayClientError, OSError, TimeoutError, aiohttp_errors()) as exc:
-        print(_client_failure("selftest", args.url, exc), file=sys.stderr)
+    except _SelftestFailed as exc:
+        print(f"selftest: {exc}", file=sys.stderr)
         return 1
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run
-
-    return run(args)
+    except aiohttp.WSServerHandshakeError as exc:
+        hint = " (pass a valid --token, or set GATEWAY_TOKEN)" if exc.status == 401 else ""
+        print(f"selftest: the gateway refused the upgrade: {exc.status}{hint}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"selftest: {args.url} did not answer in time", file=sys.stderr)
+        return 1
+    except (OSError, aiohttp.ClientError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        print(f"selftest: cannot connect to {args.url}: {detail}", file=sys.stderr)
+        return 1
 
 
 def _payload_arg(text: str) -> bytes:
@@ -289,7 +181,7 @@ def _payload_arg(text: str) -> bytes:
 def _cmd_publish(args: argparse.Namespace) -> int:
     import redis
 
-    from .publish import publish, publish_durable
+    from redis_ws_gateway.publish import publish, publish_durable
 
     try:
         payload = _payload_arg(args.data)
@@ -366,56 +258,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _percentile(ordered: list[float], pct: float) -> float:
-    """Nearest rank: a value that was actually measured."""
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-async def _ping(url: str, token: str | None, count: int, interval: float, timeout: float) -> int:
-    from .client import GatewayClient
-
-    rtts: list[float] = []
-    async with GatewayClient(url, token, timeout=timeout) as client:
-        for i in range(count):
-            if i:
-                await asyncio.sleep(interval)
-            started = time.perf_counter()
-            await client.ping()
-            rtt = time.perf_counter() - started
-            rtts.append(rtt)
-            print(f"pong {i + 1}: {rtt * 1000:.2f} ms", flush=True)
-    ordered = sorted(rtts)
-    print(
-        f"ping: {count} pings to {url}: min {ordered[0] * 1000:.2f} ms, "
-        f"p50 {_percentile(ordered, 50) * 1000:.2f} ms, "
-        f"p99 {_percentile(ordered, 99) * 1000:.2f} ms, max {ordered[-1] * 1000:.2f} ms"
-    )
-    return 0
-
-
-def _cmd_ping(args: argparse.Namespace) -> int:
-    import aiohttp
-
-    from .client import GatewayClientError
-
-    if args.count < 1:
-        print("ping: --count must be at least 1", file=sys.stderr)
-        return 2
-    if (problem := _ws_url_error(args.url)) is not None:
-        print(f"ping: {problem}", file=sys.stderr)
-        return 2
-    try:
-        return uvloop.run(_ping(args.url, args.token, args.count, args.interval, args.timeout))
-    except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:
-        return _quiet_broken_pipe()
-    except (GatewayClientError, OSError, aiohttp.ClientError, TimeoutError) as exc:
-        print(_client_failure("ping", args.url, exc), file=sys.stderr)
-        return 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="redis-ws-gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -430,18 +272,6 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("tail", help="print frames of channels or patterns as they arrive")
-    p.add_argument("url", help="gateway WebSocket URL, e.g. ws://localhost:8889/ws")
-    p.add_argument("channels", nargs="+", help="channels or glob patterns")
-    p.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"), help="JWT or API key")
-    p.add_argument("--raw", action="store_true", help="print whole frames as JSON lines")
-    p.add_argument(
-        "--since",
-        metavar="OFFSET",
-        help="durable channels: replay what came after OFFSET first (0: the whole stream)",
-    )
-    p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("demo", help="run Redis, the gateway and a demo publisher")
     p.add_argument("--port", type=int, default=None, help="default: REDIS_WS_GATEWAY_PORT or 8889")
@@ -463,14 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_cmd_selftest)
 
-    # bench: the load generator; its options live in bench.py.
-    from .bench import add_arguments as add_bench_arguments
-
-    p = sub.add_parser("bench", help="load generator: fan-out latency, loss, CPU, memory")
-    add_bench_arguments(p)
-    p.set_defaults(func=_cmd_bench)
-
-    from .publish import DEFAULT_MAXLEN, STREAM_PREFIX
+    from redis_ws_gateway.publish import DEFAULT_MAXLEN, STREAM_PREFIX
 
     p = sub.add_parser("publish", help="publish one message to Redis (plain or durable channel)")
     p.add_argument(
@@ -495,15 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("channel")
     p.add_argument("data", help="JSON text, or @FILE (@- reads stdin)")
     p.set_defaults(func=_cmd_publish)
-
-    p = sub.add_parser("ping", help="round-trip latency through the gateway (application pings)")
-    p.add_argument("url", help="gateway WebSocket URL, e.g. ws://localhost:8889/ws")
-    p.add_argument("--token", default=os.environ.get("GATEWAY_TOKEN"), help="JWT or API key")
-    p.add_argument("-c", "--count", type=int, default=10)
-    # The gateway rate-limits client frames (20/s by default): stay under it.
-    p.add_argument("-i", "--interval", type=float, default=0.1, help="seconds between pings")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each pong")
-    p.set_defaults(func=_cmd_ping)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -261,7 +261,7 @@ def _csv(name: str, raw: str) -> tuple[str, ...]:
 
 
 def _algorithms(name: str, raw: str) -> tuple[str, ...]:
-    from .tokens import SUPPORTED_ALGORITHMS
+    from redis_ws_gateway.security.tokens import SUPPORTED_ALGORITHMS
 
     algs = _csv(name, raw)
     bad = [a for a in algs if a not in SUPPORTED_ALGORITHMS]

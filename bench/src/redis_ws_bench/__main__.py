@@ -1,0 +1,5 @@
+import sys
+
+from redis_ws_bench.bench import main
+
+sys.exit(main())
