@@ -34,8 +34,8 @@ class _Nothing:
 _NOTHING: Any = _Nothing()
 
 
-def _timed_out(what: str, timeout: float, last: Any, error: BaseException | None) -> AssertionError:
-    seen = f"last error: {error!r}" if error is not None else f"last value: {last!r}"
+def _timed_out(what: str, timeout: float, last: Any, error: str | None) -> AssertionError:
+    seen = f"last error: {error}" if error is not None else f"last value: {last!r}"
     return AssertionError(f"timed out after {timeout:g} s waiting for {what}; {seen}")
 
 
@@ -52,14 +52,15 @@ async def eventually(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last: Any = _NOTHING
-    error: BaseException | None = None
+    # Only the text: an exception would keep its frames (sockets and all) alive.
+    error: str | None = None
     while True:
         try:
             value = check()
             if inspect.isawaitable(value):
                 value = await value
         except ignoring as exc:
-            error = exc
+            error = repr(exc)
         else:
             if value:
                 return value  # type: ignore[return-value]
@@ -81,12 +82,13 @@ def wait_until(
     """``eventually`` for code without an event loop (fixtures, threads)."""
     deadline = time.monotonic() + timeout
     last: Any = _NOTHING
-    error: BaseException | None = None
+    # Only the text: an exception would keep its frames (sockets and all) alive.
+    error: str | None = None
     while True:
         try:
             value = check()
         except ignoring as exc:
-            error = exc
+            error = repr(exc)
         else:
             if value:
                 return value
