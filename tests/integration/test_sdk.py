@@ -46,23 +46,16 @@ def hs_token(sub: str = "alice", ttl: int = 300, **claims: Any) -> str:
 
 
 class StateLog:
-    """Records state changes; waits for one without sleeping."""
+    """Records state changes; waits (bounded) until one has happened."""
 
     def __init__(self) -> None:
         self.states: list[State] = []
-        self._changed = asyncio.Event()
 
     def __call__(self, state: State) -> None:
         self.states.append(state)
-        self._changed.set()
 
     async def reach(self, state: State, timeout: float = 10.0) -> None:
-        async def wait() -> None:
-            while state not in self.states:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
+        await eventually(lambda: state in self.states, timeout=timeout, what=f"state {state!r}")
 
 
 def fast_client(url: str, token: Any = None, **kwargs: Any) -> ResilientClient:
