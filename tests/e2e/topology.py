@@ -245,9 +245,12 @@ class LocalTopology(Topology):
             return True
 
         await eventually(
-            admin_answers, timeout=15, interval=0.05, what="haproxy's admin socket",
+            admin_answers,
+            timeout=15,
+            interval=0.05,
+            what="haproxy's admin socket",
             ignoring=(OSError,),
-        )  # fmt: skip
+        )
         for slot in self.gateways:
             await self._wait_status(slot, lambda row: row["status"] == "UP", "UP")
 
@@ -686,15 +689,19 @@ class KindTopology(Topology):
         """Until exactly ``replicas`` pods of the Deployment exist, all ready:
         ``rollout status`` returns while old pods are still draining."""
 
-        async def settled() -> list[str]:
+        names: list[str] = []
+
+        async def settled() -> bool:
+            nonlocal names
             pods = [p for p in await self._pods() if self._owned_by_replicaset(p)]
             names = sorted(p["metadata"]["name"] for p in pods)
             assert len(pods) == replicas and all(self._ready(p) for p in pods), f"pods: {names}"
-            return names
+            return True
 
-        return await eventually(
+        await eventually(
             settled, timeout=timeout, interval=1, what=f"the deployment at {replicas} ready pods"
         )
+        return names
 
     async def _replicas(self) -> int:
         dep = await self._json("get", "deployment", self.deployment)
