@@ -7,7 +7,6 @@ path, and the tests skip only when it is not installed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from playwright.async_api import (
 from tests.browser.conftest import ARTIFACTS, STATIC, WAIT_MS
 from tests.support.gateway import RunningGateway, gateway_settings
 from tests.support.redis_server import RedisServer
+from tests.support.wait import eventually
 
 
 async def _load_client(page: Page, http: str) -> None:
@@ -95,7 +95,11 @@ async def test_console_shows_a_published_message_in_table_and_log(
     await sub.locator("button").click()
     await expect(sub).to_have_count(0)
     session = next(iter(gateway.gateway.sessions))
-    assert await _eventually(lambda: ("pattern", "market:tick:*") not in session.subscriptions)
+    await eventually(
+        lambda: ("pattern", "market:tick:*") not in session.subscriptions,
+        timeout=WAIT_MS / 1000,
+        what="the pattern to be unsubscribed at the gateway",
+    )
 
 
 @pytest.mark.browser
@@ -121,16 +125,6 @@ async def test_console_keeps_up_with_a_burst_and_bounds_the_log(
     # The page is still responsive: a click is handled right away.
     await page.click("#pause-btn")
     await expect(page.locator("#pause-btn")).to_have_text("Resume")
-
-
-async def _eventually(check: Callable[[], bool], timeout: float = WAIT_MS / 1000) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 @pytest.mark.browser

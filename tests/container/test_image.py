@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import yaml
 
 from redis_ws_client.client import GatewayClient
-from tests.support.gateway import wait_ready
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.wait import eventually
 
 from .conftest import REPO, Docker
 
@@ -157,16 +158,29 @@ def container(
 
 async def _ready(c: Container) -> None:
     """Until /readyz answers 200; a container that exits fails at once."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            await wait_ready(c.http, timeout=2)
-            return
-        except TimeoutError:
-            state = (await asyncio.to_thread(c.inspect))["State"]
-            if not state["Running"] or time.monotonic() > deadline:
-                logs = await asyncio.to_thread(c.logs)
-                raise AssertionError(f"container not ready: {state}\n{logs[-3000:]}") from None
+
+    async def ready() -> bool:
+        state = (await asyncio.to_thread(c.inspect))["State"]
+        if not state["Running"]:
+            raise ContainerExited(f"container exited: {state}")
+        async with aiohttp.ClientSession() as http, http.get(c.http + "/readyz") as resp:
+            return resp.status == 200
+
+    try:
+        await eventually(
+            ready,
+            timeout=60,
+            interval=0.25,
+            what=f"{c.http}/readyz to answer 200",
+            ignoring=(aiohttp.ClientConnectionError,),
+        )
+    except (AssertionError, ContainerExited) as exc:
+        logs = await asyncio.to_thread(c.logs)
+        raise AssertionError(f"container not ready: {exc}\n{logs[-3000:]}") from None
+
+
+class ContainerExited(Exception):
+    pass
 
 
 async def test_image_runs_locked_down_and_drains_on_sigterm(

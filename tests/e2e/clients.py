@@ -23,6 +23,7 @@ from redis_ws_client.client import (
     RequestTimeout,
     ServerError,
 )
+from tests.support.wait import eventually
 
 from .topology import PublishError, Topology
 
@@ -51,7 +52,6 @@ class DurableFollower:
         # (since, the gateway's live offset, entries replayed) per subscribe
         self.resumes: list[tuple[str, str, int]] = []
         self.connected = asyncio.Event()
-        self._progress = asyncio.Event()
         self._stopping = False
         self._client: GatewayClient | None = None
         self._task: asyncio.Task[None] | None = None
@@ -118,24 +118,19 @@ class DurableFollower:
         async for frame in client.frames():
             if frame.get("type") == "data" and frame.get("channel") == self.channel:
                 self.offsets.append(frame["offset"])
-                self._progress.set()
         self.connected.clear()
         await client.close()
 
     async def wait_for(self, offset: str, timeout: float) -> None:
         """Until the follower has received ``offset`` (or anything after it)."""
         target = offset_key(offset)
-        deadline = time.monotonic() + timeout
-        while not (self.offsets and offset_key(self.offsets[-1]) >= target):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                last = self.offsets[-1] if self.offsets else None
-                raise TimeoutError(f"{self.name} never reached {offset} (last {last})")
-            self._progress.clear()
-            try:
-                await asyncio.wait_for(self._progress.wait(), left)
-            except TimeoutError:
-                continue
+
+        def reached() -> bool:
+            last = self.offsets[-1] if self.offsets else None
+            assert last is not None and offset_key(last) >= target, f"last {last}"
+            return True
+
+        await eventually(reached, timeout=timeout, what=f"{self.name} to reach {offset}")
 
     def describe_mismatch(self, expected: list[str]) -> str:
         """What differs from ``expected``: the first divergence, duplicates."""
@@ -164,7 +159,6 @@ class Publisher:
         self.interval = interval
         self.acked: list[str] = []
         self.failures: list[str] = []
-        self._progress = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -185,23 +179,18 @@ class Publisher:
                     self.failures.append(str(exc))
                 else:
                     self.acked.append(reply["offset"])
-                    self._progress.set()
                     n += 1
                 # Paced by a schedule, so slow replies do not pile up drift.
                 next_at += self.interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     async def wait_acked(self, count: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.acked) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"only {len(self.acked)} of {count} publishes acknowledged")
-            self._progress.clear()
-            try:
-                await asyncio.wait_for(self._progress.wait(), left)
-            except TimeoutError:
-                continue
+
+        def acknowledged() -> bool:
+            assert len(self.acked) >= count, f"only {len(self.acked)} acknowledged"
+            return True
+
+        await eventually(acknowledged, timeout=timeout, what=f"{count} publishes acknowledged")
 
     async def stop(self) -> None:
         self._stopping = True

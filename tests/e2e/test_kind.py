@@ -5,7 +5,6 @@ topology has neither, so these tests do not apply to it."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
@@ -13,6 +12,7 @@ import aiohttp
 import pytest
 
 from redis_ws_client.client import GatewayClient
+from tests.support.wait import eventually
 
 from .conftest import TARGET
 from .topology import KindTopology, Topology
@@ -42,13 +42,11 @@ async def test_clients_reach_the_gateway_through_the_ingress_controller(
         await c.ping()
     # Traefik's access log names the request: it, not a port-forward or a
     # NodePort, served it.
-    deadline = time.monotonic() + 30
-    while True:
-        logs = await k.kubectl("logs", "--namespace", "traefik", "deployment/traefik")
-        if marker in logs:
-            break
-        assert time.monotonic() < deadline, "the request is not in Traefik's access log"
-        await asyncio.sleep(1)
+
+    async def logged() -> bool:
+        return marker in await k.kubectl("logs", "--namespace", "traefik", "deployment/traefik")
+
+    await eventually(logged, timeout=30, interval=1, what="the request in Traefik's access log")
 
 
 async def _hpa(k: KindTopology) -> dict[str, Any]:
@@ -90,24 +88,28 @@ async def test_hpa_scales_the_deployment_out_under_load(topology: Topology) -> N
         assert hpa["spec"]["scaleTargetRef"]["name"] == k.deployment
         assert hpa["spec"]["minReplicas"] == 2
         # metrics-server feeds the HPA: a CPU reading appears.
-        deadline = time.monotonic() + 240
-        while _cpu(hpa) is None:
-            assert time.monotonic() < deadline, f"the HPA never got a CPU metric: {hpa['status']}"
-            await asyncio.sleep(5)
-            hpa = await _hpa(k)
+
+        async def with_cpu() -> dict[str, Any]:
+            current = await _hpa(k)
+            assert _cpu(current) is not None, f"no CPU metric: {current['status']}"
+            return current
+
+        hpa = await eventually(with_cpu, timeout=240, interval=5, what="the HPA's CPU metric")
         channel = f"e2e:load:{uuid.uuid4().hex[:8]}"
         clients = list(
             await asyncio.gather(*(GatewayClient(k.ws_url).connect() for _ in range(40)))
         )
         await asyncio.gather(*(c.subscribe(channel) for c in clients))
         loaders = [asyncio.create_task(load(channel)) for _ in range(6)]
-        deadline = time.monotonic() + 300
-        while hpa["status"].get("desiredReplicas", 0) <= 2:
-            assert time.monotonic() < deadline, (
-                f"no scale-out after {published} publishes: {hpa['status']}"
+
+        async def scaled_out() -> dict[str, Any]:
+            current = await _hpa(k)
+            assert current["status"].get("desiredReplicas", 0) > 2, (
+                f"no scale-out after {published} publishes: {current['status']}"
             )
-            await asyncio.sleep(5)
-            hpa = await _hpa(k)
+            return current
+
+        hpa = await eventually(scaled_out, timeout=300, interval=5, what="the HPA to scale out")
         print(f"\nHPA: cpu {_cpu(hpa)}%, desired {hpa['status']['desiredReplicas']}")
     finally:
         stop.set()

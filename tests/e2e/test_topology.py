@@ -9,13 +9,13 @@ each follower must end with every stream entry once, in stream order.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import aiohttp
 import pytest
 
 from redis_ws_client.client import GatewayClient
+from tests.support.wait import eventually
 
 from .clients import (
     DurableFollower,
@@ -46,14 +46,15 @@ async def settled_connections(
 ) -> dict[str, Connections]:
     """Per-replica connections once they add up to ``expected``: the gateway
     side learns of a close a moment after the client."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def settled() -> dict[str, Connections]:
         conns = await topology.connections()
-        if sum(c.current for c in conns.values()) == expected:
-            return conns
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {expected} connections in all, found {conns}")
-        await asyncio.sleep(0.1)
+        assert sum(c.current for c in conns.values()) == expected, f"found {conns}"
+        return conns
+
+    return await eventually(
+        settled, timeout=timeout, interval=0.1, what=f"{expected} connections in all"
+    )
 
 
 async def finish_and_check(
@@ -205,7 +206,7 @@ async def test_upgrade_rolls_with_clients_connected_and_loses_nothing(
             budget = await topology.disruption_budget()
             if budget is not None:
                 budgets.append(budget)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # samples twice a second for the whole upgrade
 
     sampler = asyncio.create_task(sample_ready())
     try:
@@ -270,13 +271,13 @@ async def test_scale_out_rebalances_with_max_connection_age(topology: Topology) 
             assert len(added) == 1
             new = added[0]
             assert new not in before
-            deadline = time.monotonic() + 30
-            while True:
+
+            async def share_reached() -> bool:
                 conns = await topology.connections()
-                if conns[new].current >= share * n:
-                    break
-                assert time.monotonic() < deadline, f"{new} never got {share:.0%}: {conns}"
-                await asyncio.sleep(0.2)
+                assert conns[new].current >= share * n, f"{new} has less than {share:.0%}: {conns}"
+                return True
+
+            await eventually(share_reached, timeout=30, interval=0.2, what=f"{new}'s share")
             await finish_and_check(topology, channel, publisher, followers)
         finally:
             await publisher.stop()

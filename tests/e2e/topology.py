@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -34,6 +33,7 @@ import redis.asyncio as aioredis
 
 from redis_ws_client.client import BadRequestError, GatewayClient
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.wait import eventually, wait_until
 
 DURABLE_PATTERN = "engine:decision:*"
 CHART = Path(__file__).resolve().parents[2] / "chart"
@@ -236,19 +236,21 @@ class LocalTopology(Topology):
         asyncio.run(self._wait_all_up())
 
     async def _wait_all_up(self) -> None:
-        deadline = time.monotonic() + 15
-        while True:
+        async def admin_answers() -> bool:
             assert self.haproxy is not None
             if self.haproxy.poll() is not None:
                 log = (self.dir / "haproxy.log").read_text(errors="replace")
                 raise RuntimeError(f"haproxy exited ({self.haproxy.returncode}):\n{log}")
-            try:
-                await self._admin("show info")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+            await self._admin("show info")
+            return True
+
+        await eventually(
+            admin_answers,
+            timeout=15,
+            interval=0.05,
+            what="haproxy's admin socket",
+            ignoring=(OSError,),
+        )
         for slot in self.gateways:
             await self._wait_status(slot, lambda row: row["status"] == "UP", "UP")
 
@@ -364,37 +366,39 @@ class LocalTopology(Topology):
             return ""
 
     def _wait_ready_sync(self, g: _Gateway, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if g.proc.poll() is not None:
                 raise RuntimeError(f"{g.slot} exited ({g.proc.returncode}):\n{self._log_tail(g)}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{g.port}/readyz", timeout=1):
-                    return
-            except OSError:  # refused, or HTTPError 503 while Redis connects
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{g.slot} on {g.port} never became ready:\n{self._log_tail(g)}")
+            with urllib.request.urlopen(f"http://127.0.0.1:{g.port}/readyz", timeout=1):
+                return True
+
+        try:
+            # OSError: refused, or HTTPError 503 while Redis connects.
+            wait_until(ready, timeout=timeout, interval=0.05, what="ready", ignoring=(OSError,))
+        except AssertionError as exc:
+            raise AssertionError(f"{g.slot} on {g.port}: {exc}\n{self._log_tail(g)}") from None
 
     async def _wait_readyz(self, g: _Gateway, expect: int, timeout: float = 20.0) -> None:
         """Until the gateway answers /readyz with ``expect`` (200 or 503)."""
-        deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
+
+            async def answers() -> bool:
                 if g.proc.poll() is not None:
                     raise RuntimeError(
                         f"{g.slot} exited ({g.proc.returncode}):\n{self._log_tail(g)}"
                     )
-                try:
-                    async with http.get(
-                        f"http://127.0.0.1:{g.port}/readyz", timeout=aiohttp.ClientTimeout(total=1)
-                    ) as resp:
-                        if resp.status == expect:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.05)
-        raise TimeoutError(f"{g.slot} on {g.port} never answered /readyz with {expect}")
+                async with http.get(
+                    f"http://127.0.0.1:{g.port}/readyz", timeout=aiohttp.ClientTimeout(total=1)
+                ) as resp:
+                    return resp.status == expect
+
+            await eventually(
+                answers,
+                timeout=timeout,
+                interval=0.05,
+                what=f"{g.slot} on {g.port} to answer /readyz with {expect}",
+                ignoring=(aiohttp.ClientError, TimeoutError),
+            )
 
     async def _terminate(self, g: _Gateway) -> int:
         """SIGTERM, as the kubelet sends it; the gateway drains and exits."""
@@ -437,16 +441,14 @@ class LocalTopology(Topology):
     async def _wait_status(
         self, slot: str, predicate: Any, what: str, timeout: float = 15.0
     ) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        row: dict[str, str] = {}
-        while time.monotonic() < deadline:
+
+        async def reported() -> dict[str, str]:
             row = (await self.stats())[slot]
-            if predicate(row):
-                return row
-            await asyncio.sleep(0.05)
-        raise TimeoutError(
-            f"haproxy never reported ws/{slot} {what}: status={row.get('status')} "
-            f"check={row.get('check_status')}"
+            assert predicate(row), f"status={row.get('status')} check={row.get('check_status')}"
+            return row
+
+        return await eventually(
+            reported, timeout=timeout, interval=0.05, what=f"haproxy to report ws/{slot} {what}"
         )
 
     async def _point_slot(self, slot: str, port: int) -> None:
@@ -686,15 +688,20 @@ class KindTopology(Topology):
     async def _settle(self, replicas: int, timeout: float = 300) -> list[str]:
         """Until exactly ``replicas`` pods of the Deployment exist, all ready:
         ``rollout status`` returns while old pods are still draining."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        names: list[str] = []
+
+        async def settled() -> bool:
+            nonlocal names
             pods = [p for p in await self._pods() if self._owned_by_replicaset(p)]
-            if len(pods) == replicas and all(self._ready(p) for p in pods):
-                return sorted(p["metadata"]["name"] for p in pods)
-            if time.monotonic() > deadline:
-                names = [p["metadata"]["name"] for p in pods]
-                raise TimeoutError(f"deployment did not settle at {replicas} pods: {names}")
-            await asyncio.sleep(1)
+            names = sorted(p["metadata"]["name"] for p in pods)
+            assert len(pods) == replicas and all(self._ready(p) for p in pods), f"pods: {names}"
+            return True
+
+        await eventually(
+            settled, timeout=timeout, interval=1, what=f"the deployment at {replicas} ready pods"
+        )
+        return names
 
     async def _replicas(self) -> int:
         dep = await self._json("get", "deployment", self.deployment)
@@ -737,16 +744,15 @@ class KindTopology(Topology):
         # --wait=false: the pod drains for its grace period while the
         # ReplicaSet starts its replacement.
         await self.kubectl("delete", "pod", name, "--wait=false")
-        deadline = time.monotonic() + 300
-        while True:
+
+        async def replaced() -> set[str] | None:
             after = set(await self._settle(replicas))
-            if name not in after:
-                added = sorted(after - before)
-                assert len(added) == 1, (before, after)
-                return added[0]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} was not replaced")
-            await asyncio.sleep(1)
+            return after if name not in after else None
+
+        after = await eventually(replaced, timeout=300, interval=1, what=f"{name} to be replaced")
+        added = sorted(after - before)
+        assert len(added) == 1, (before, after)
+        return added[0]
 
     min_ready_during_upgrade = 2
 
@@ -838,18 +844,19 @@ class KindTopology(Topology):
         return name
 
     async def _wait_unhealthy_event(self, name: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        async def probe_failed() -> bool:
             events = await self._json(
                 "get",
                 "events",
                 "--field-selector",
                 f"involvedObject.name={name},reason=Unhealthy",
             )
-            if any("Readiness" in e.get("message", "") for e in events["items"]):
-                return
-            await asyncio.sleep(1)
-        raise TimeoutError(f"{name}: no failed readiness probe reported")
+            return any("Readiness" in e.get("message", "") for e in events["items"])
+
+        await eventually(
+            probe_failed, timeout=timeout, interval=1, what=f"a failed readiness probe of {name}"
+        )
 
     async def remove_unready(self, name: str) -> None:
         await self.kubectl("delete", "pod", name, "--wait=true", "--timeout=120s")

@@ -18,6 +18,7 @@ from redis_ws_client.client import GatewayClient
 from redis_ws_gateway.ws import connection
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
+from tests.support.wait import eventually
 
 LIMIT = 64 * 1024
 HIGH_WATER = 8 * 1024
@@ -226,10 +227,9 @@ async def test_a_closed_slow_consumer_that_never_reads_is_reset(
             await redis_client.publish("engine:signal:Y", orjson.dumps({"n": n, "pad": PAD}))
             assert n < 100_000
         assert transport.get_write_buffer_size() > 0  # close() alone would wait for it
-        deadline = asyncio.get_running_loop().time() + 5
-        while server_socket.fileno() != -1:
-            assert asyncio.get_running_loop().time() < deadline, "socket never released"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: server_socket.fileno() == -1, timeout=5, what="the socket to be released"
+        )
         assert session not in gw.gateway.sessions
     finally:
         sock.close()

@@ -20,6 +20,7 @@ from redis_ws_gateway.config import DurableRule, ExposedStream, SnapshotRule
 from redis_ws_gateway.upstream.durable import RENEW_READER_AFTER
 from tests.support.gateway import RunningGateway, gateway_settings, spawn_gateway
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.wait import eventually
 
 DURABLE = (DurableRule("engine:decision:*", maxlen=100_000), DurableRule("engine:signal:*"))
 STREAMS = (
@@ -118,17 +119,17 @@ async def test_switch_from_replay_to_live_under_full_rate_publishing(
                     pipe.xadd(f"stream:{channel}", {"data": orjson.dumps({"i": i})})
                     i += 1
                 published.extend(e.decode() for e in await pipe.execute())
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # full rate, but lets the gateway run between batches
 
     task = asyncio.create_task(publish())
     try:
-        while len(published) < 500:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(published) >= 500, timeout=30, what="500 entries published")
         since = published[100]
         async with GatewayClient(durable_gateway.url) as c:
             await c.request("subscribe", channels=[{"channel": channel, "since": since}])
-            while len(published) < 3000:
-                await asyncio.sleep(0.01)
+            await eventually(
+                lambda: len(published) >= 3000, timeout=30, what="3000 entries published"
+            )
             stop.set()
             await task
             expected = published[101:]
@@ -211,12 +212,11 @@ async def test_key_snapshot_comes_first_and_no_update_is_lost(
                 pipe.set("market:last:BANKNIFTY", body)
                 pipe.publish("market:tick:BANKNIFTY", body)
                 await pipe.execute()
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # paces the publisher
 
     task = asyncio.create_task(publish())
     try:
-        while counter < 50:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: counter >= 50, timeout=30, what="50 ticks published")
         async with GatewayClient(durable_gateway.url) as c:
             reply = await c.request(
                 "subscribe", channels=[{"channel": "market:tick:BANKNIFTY", "snapshot": 1}]
@@ -355,7 +355,7 @@ async def test_resume_on_another_gateway_after_a_kill(
             entry = await publisher.xadd(f"stream:{channel}", {"data": orjson.dumps({"i": i})})
             published.append(entry.decode())
             i += 1
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # paces the publisher
 
     task = asyncio.create_task(publish())
     seen: list[str] = []
@@ -374,8 +374,11 @@ async def test_resume_on_another_gateway_after_a_kill(
                     seen.append(frame["offset"])
         async with GatewayClient(f"ws://127.0.0.1:{port_b}/ws") as c:
             await c.request("subscribe", channels=[{"channel": channel, "since": seen[-1]}])
-            while len(published) < len(seen) + 200:
-                await asyncio.sleep(0.01)
+            await eventually(
+                lambda: len(published) >= len(seen) + 200,
+                timeout=30,
+                what="200 entries published while the client was away",
+            )
             stop.set()
             await task
             while len(seen) < len(published):
@@ -410,6 +413,7 @@ async def test_resume_ahead_of_this_pods_reader_is_not_delivered_twice(
             request = asyncio.create_task(
                 late.request("subscribe", channels=[{"channel": channel, "since": ids[5]}])
             )
+            # The request goes out first; either order must deliver each entry once.
             await asyncio.sleep(0)
             durable.start()  # the reader resumes from its old cursor
             reply = await request

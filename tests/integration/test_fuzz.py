@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 
 from tests.support.rawws import frame
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.wait import wait_until
 
 MIB = 1 << 20
 API_KEY = "k" * 32
@@ -60,16 +60,20 @@ def live() -> Iterator[Live]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "redis_ws_gateway", "serve"], env=env, stderr=log
         )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise
-                time.sleep(0.05)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited: {proc.returncode}")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return True
+
+        try:
+            wait_until(
+                ready, timeout=15, interval=0.05, what="the gateway's /readyz", ignoring=(OSError,)
+            )
+        except BaseException:
+            proc.kill()
+            raise
         yield Live(port, proc, log)
         proc.terminate()
         proc.wait(timeout=30)

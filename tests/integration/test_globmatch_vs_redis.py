@@ -8,12 +8,12 @@ compared with glob_match over the full cross product.
 from __future__ import annotations
 
 import random
-import time
 
 import redis
 
 from redis_ws_gateway.security.globmatch import encode_name, glob_match_bytes, literal_prefix
 from tests.support.redis_server import RedisServer
+from tests.support.wait import wait_until
 
 SENTINEL = b"__globmatch_sentinel__"
 
@@ -160,28 +160,35 @@ def _corpus() -> tuple[list[bytes], list[bytes]]:
 
 def _drain_until_sentinel(pubsub: redis.client.PubSub, timeout: float) -> set[tuple[bytes, bytes]]:
     delivered: set[tuple[bytes, bytes]] = set()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def sentinel_read() -> bool:
         msg = pubsub.get_message(timeout=1.0)
         if msg is None:
-            continue
+            return False
         if msg["type"] == "message" and msg["channel"] == SENTINEL:
             # Redis writes to this connection in PUBLISH order, so every
             # pmessage for earlier channels has been read by now.
-            return delivered
+            return True
         if msg["type"] == "pmessage":
             delivered.add((msg["pattern"], msg["channel"]))
-    raise AssertionError("sentinel message never arrived")
+        return False
+
+    wait_until(sentinel_read, timeout=timeout, interval=0, what="the sentinel message")
+    return delivered
 
 
 def _wait_for_confirmations(pubsub: redis.client.PubSub, expected: int, timeout: float) -> None:
     seen = 0
-    deadline = time.monotonic() + timeout
-    while seen < expected:
-        assert time.monotonic() < deadline, f"only {seen}/{expected} subscriptions confirmed"
+
+    def all_confirmed() -> bool:
+        nonlocal seen
         msg = pubsub.get_message(timeout=1.0)
         if msg is not None and msg["type"] in ("psubscribe", "subscribe"):
             seen += 1
+        assert seen >= expected, f"only {seen}/{expected} subscriptions confirmed"
+        return True
+
+    wait_until(all_confirmed, timeout=timeout, interval=0, what=f"{expected} confirmations")
 
 
 def test_glob_match_agrees_with_redis_psubscribe(redis_server: RedisServer) -> None:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis_ws_client.client import GatewayClient
 from tests.support.gateway import RunningGateway, spawn_gateway, wait_ready
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.wait import eventually
 
 
 async def test_sigterm_drains_clients_with_1012_spread_over_window(
@@ -49,16 +50,22 @@ async def test_sigterm_drains_clients_with_1012_spread_over_window(
         # drains, and the listener closes when the drain is over. Until it
         # has, /readyz may still say 200, but never after a 503.
         not_ready = False
+
+        async def listener_closed() -> bool:
+            nonlocal not_ready
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 503:
+                        not_ready = True
+                    else:
+                        assert resp.status == 200 and not not_ready
+            return False  # until the request fails: the listener is closed
+
         with pytest.raises(aiohttp.ClientError):
-            deadline = time.monotonic() + window + 10
-            while time.monotonic() < deadline:
-                async with aiohttp.ClientSession() as http:
-                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        if resp.status == 503:
-                            not_ready = True
-                        else:
-                            assert resp.status == 200 and not not_ready
-                await asyncio.sleep(0.02)
+            # ignoring=(): a 200 after a 503 fails at once.
+            await eventually(
+                listener_closed, timeout=window + 10, what="the listener to close", ignoring=()
+            )
         await asyncio.wait_for(asyncio.gather(*watchers), 10)
         rc = await asyncio.wait_for(proc.wait(), 10)
         exited = time.monotonic() - sent

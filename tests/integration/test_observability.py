@@ -19,6 +19,7 @@ from redis_ws_gateway.config import DurableRule
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway, gateway_settings
 from tests.support.redis_server import RedisServer
+from tests.support.wait import eventually
 
 KEY = "admin-key-0123"
 
@@ -86,11 +87,7 @@ async def test_rejections_and_closes_are_counted_by_reason(make_gateway: Gateway
         t = await scrape(gw)
         return 'redis_ws_gateway_connections_closed_total{reason="normal"} 1.0' in t
 
-    for _ in range(100):
-        if await closed_counted():
-            break
-        await asyncio.sleep(0.02)
-    assert await closed_counted()
+    await eventually(closed_counted, timeout=5, what="the normal close to be counted")
 
 
 @pytest.fixture

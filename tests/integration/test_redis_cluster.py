@@ -27,6 +27,7 @@ from redis_ws_gateway.publish import apublish
 from tests.support.cli import run_cli
 from tests.support.gateway import RunningGateway, gateway_settings, wait_ready
 from tests.support.redis_server import RedisServer
+from tests.support.wait import eventually, wait_until
 
 ARTIFACTS = Path(__file__).parents[2] / "artifacts"
 
@@ -95,12 +96,12 @@ class Cluster:
              "--cluster-replicas", "1", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all("cluster_state:ok" in n.command("cluster", "info") for n in self.nodes):
-                return
-            time.sleep(0.1)
-        raise TimeoutError("cluster did not converge")
+        wait_until(
+            lambda: all("cluster_state:ok" in n.command("cluster", "info") for n in self.nodes),
+            timeout=30,
+            interval=0.1,
+            what="the cluster to converge (cluster_state:ok on every node)",
+        )
 
     def by_port(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)
@@ -206,10 +207,12 @@ async def test_manual_cluster_failover_keeps_delivering(
         await c.subscribe("market:tick:Z")
         replica = next(n for n in cluster.nodes if "role:slave" in n.command("info", "replication"))
         replica.command("cluster", "failover")
-        deadline = time.monotonic() + 15
-        while "role:master" not in replica.command("info", "replication"):
-            assert time.monotonic() < deadline, "failover did not happen"
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: "role:master" in replica.command("info", "replication"),
+            timeout=15,
+            interval=0.05,
+            what="the failover (the replica reporting role:master)",
+        )
         await _publish(replica.port, "market:tick:Z", b'{"after":"failover"}')
         frame = await c.next_of_type("data", 10)
         assert frame["data"] == {"after": "failover"}
@@ -320,10 +323,11 @@ async def test_sharded_channels_are_read_from_each_slots_master(
             frame = await c.next_of_type("data")
             assert (frame["channel"], frame["data"]) == (channels[1], {"via": "endpoint"})
             await c.unsubscribe(*channels)
-        deadline = time.monotonic() + 5
-        while sharded.stats()["nodes"]:
-            assert time.monotonic() < deadline, "links to idle masters were not closed"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: not sharded.stats()["nodes"],
+            timeout=5,
+            what="the links to idle masters to close",
+        )
     finally:
         await rc.aclose()
 
@@ -421,21 +425,14 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.frames: list[tuple[float, dict[str, Any]]] = []
-        self.changed = asyncio.Event()
 
     async def __call__(self, frame: dict[str, Any]) -> bool:
         self.frames.append((time.time(), frame))
-        self.changed.set()
         return True
 
     async def until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out waiting for {what}"
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), left)
+        # Polling does not skew the timings: each frame is stamped on arrival.
+        await eventually(check, timeout=timeout, what=what)
 
     def data(self, channel: str) -> list[tuple[float, dict[str, Any]]]:
         return [
@@ -473,8 +470,7 @@ async def _migrate_slot(slot: int, src: int, dst: int, masters: list[int]) -> No
 
 
 async def _wait_for_promotion(cluster: Cluster, old_master: int, slot: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    async def new_owner() -> int | None:
         for node in cluster.nodes:
             if node.proc is None:
                 continue
@@ -482,8 +478,11 @@ async def _wait_for_promotion(cluster: Cluster, old_master: int, slot: int, time
                 owner = (await _slot_owners(node.port))[slot]
                 if owner != old_master:
                     return owner
-        await asyncio.sleep(0.05)
-    raise AssertionError("no replica took over")
+        return None
+
+    return await eventually(
+        new_owner, timeout=timeout, interval=0.05, what=f"a replica to take over slot {slot}"
+    )
 
 
 @pytest.mark.parametrize("fault", ["cluster-failover", "master-kill", "slot-migration"])
@@ -527,7 +526,7 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
                         acked.append(entry)
             except Exception:  # mid-failover: the next attempt goes to the new owner
                 pass
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # paces the publisher: one message per 20 ms
 
     client = GatewayClient(gw.url, on_frame=rec)
     await client.connect()
@@ -584,7 +583,15 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
         if classic_hit:
             await rec.until(lambda: rec.notices("resubscribed", classic), 30, "classic notice")
         assert bool(rec.notices("upstream_lost", classic)) == classic_hit
-        await asyncio.sleep(0.5)  # more durable entries after recovery (not a sync)
+        # More durable entries written and delivered after recovery before the
+        # publishers stop (acknowledgements may have stopped: a promoted
+        # replica has no replica of its own to WAIT for).
+        delivered = len(rec.data(durable))
+        await rec.until(
+            lambda: len(rec.data(durable)) >= delivered + 10,
+            15,
+            "ten more durable entries delivered after recovery",
+        )
         stop.set()
         await asyncio.gather(*publishers)
         last_acked = acked[-1]

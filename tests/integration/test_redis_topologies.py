@@ -28,6 +28,7 @@ from redis_ws_client.client import GatewayClient
 from redis_ws_gateway.config import DurableRule
 from tests.support.gateway import RunningGateway, gateway_settings
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.wait import wait_until
 
 ARTIFACTS = Path(__file__).parents[2] / "artifacts"
 
@@ -106,14 +107,11 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, dict[str, str]]]:
 def _wait_port(port: int, timeout: float) -> None:
     import socket
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"no TLS listener on {port}")
+    def listening() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+
+    wait_until(listening, timeout=timeout, what=f"a TLS listener on {port}", ignoring=(OSError,))
 
 
 def _tls_client(info: dict[str, str], user: str, password: str) -> aioredis.Redis:
@@ -171,7 +169,7 @@ async def test_wrong_redis_password_keeps_the_gateway_unready(
             async with http.get(gw.http + "/readyz") as resp:
                 assert resp.status == 503
                 assert (await resp.json())["reason"] == "redis unreachable"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # stays unready over the whole window (not a sync)
         assert not gw.gateway.upstream.is_up
 
 

@@ -35,6 +35,7 @@ from tests.conftest import GatewayFactory
 from tests.support.cli import run_cli, run_client_cli
 from tests.support.gateway import RunningGateway
 from tests.support.redis_server import RedisServer
+from tests.support.wait import eventually
 
 SECRET = "sdk-test-secret-" + "0123456789abcdef" * 3
 
@@ -45,23 +46,16 @@ def hs_token(sub: str = "alice", ttl: int = 300, **claims: Any) -> str:
 
 
 class StateLog:
-    """Records state changes; waits for one without sleeping."""
+    """Records state changes; waits (bounded) until one has happened."""
 
     def __init__(self) -> None:
         self.states: list[State] = []
-        self._changed = asyncio.Event()
 
     def __call__(self, state: State) -> None:
         self.states.append(state)
-        self._changed.set()
 
     async def reach(self, state: State, timeout: float = 10.0) -> None:
-        async def wait() -> None:
-            while state not in self.states:
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
+        await eventually(lambda: state in self.states, timeout=timeout, what=f"state {state!r}")
 
 
 def fast_client(url: str, token: Any = None, **kwargs: Any) -> ResilientClient:
@@ -327,9 +321,10 @@ async def test_a_silent_connection_is_pinged_dropped_and_replaced(
 async def test_an_idle_but_healthy_connection_is_kept(gateway: RunningGateway) -> None:
     states = StateLog()
     async with fast_client(gateway.url, idle_timeout=0.1, ping_timeout=2, on_state=states) as c:
-        for _ in range(5):
-            # Each round is one idle period answered by a pong.
-            await asyncio.sleep(0.15)
+        # Five idle periods, each answered by a pong.
+        await eventually(
+            lambda: c.stats.keepalive_pings >= 5, timeout=5, what="five keepalive pings answered"
+        )
         assert c.connected
     assert "reconnecting" not in states.states and c.stats.reconnects == 0
 
@@ -342,7 +337,8 @@ async def test_refresh_token_sends_auth_and_a_refused_token_changes_nothing(
 ) -> None:
     gw = await make_gateway(require_auth=True, jwt_secret=SECRET, jwt_algorithms=("HS256",))
     first = hs_token(ttl=60)
-    async with fast_client(gw.url, first) as client:
+    states = StateLog()
+    async with fast_client(gw.url, first, on_state=states) as client:
         async with client.subscribe_iter("market:tick:X") as sub:
             fresh = hs_token(ttl=3600)
             reply = await client.refresh_token(fresh)
@@ -352,7 +348,17 @@ async def test_refresh_token_sends_auth_and_a_refused_token_changes_nothing(
             assert reply["expiresAt"] == exp * 1000
             with pytest.raises(UnauthorizedError):
                 await client.refresh_token(hs_token(sub="mallory"))
-            assert client._token == fresh
+            # The refused token is not used: the next connection presents ``fresh``.
+            (old,) = gw.gateway.sessions
+            gw.gateway.disconnect(old, 1012, "service restart")
+            await states.reach("reconnecting")
+            await client.wait_connected(10)
+            (session,) = await eventually(
+                lambda: [s for s in gw.gateway.sessions if s is not old],
+                timeout=5,
+                what="the session of the new connection",
+            )
+            assert (session.principal.user, session.principal.expires_at) == ("alice", exp)
             await redis_client.publish("market:tick:X", b"1")
             assert (await sub.get(timeout=5)).data == 1
 

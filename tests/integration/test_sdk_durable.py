@@ -18,6 +18,7 @@ from redis_ws_client.sdk import ResilientClient, State, Subscription
 from redis_ws_gateway.publish import apublish_durable, stream_key
 from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
+from tests.support.wait import eventually
 
 
 def _server_supports_durable() -> bool:
@@ -117,19 +118,12 @@ async def test_resuming_from_a_trimmed_offset_reports_the_gap(
 class StateLog:
     def __init__(self) -> None:
         self.states: list[State] = []
-        self.changed = asyncio.Event()
 
     def __call__(self, state: State) -> None:
         self.states.append(state)
-        self.changed.set()
 
     async def reach(self, state: State, timeout: float = 10.0) -> None:
-        async def wait() -> None:
-            while state not in self.states:
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
+        await eventually(lambda: state in self.states, timeout=timeout, what=f"state {state!r}")
 
 
 async def test_gateway_restart_mid_stream_loses_and_repeats_nothing(
@@ -139,21 +133,14 @@ async def test_gateway_restart_mid_stream_loses_and_repeats_nothing(
     port = gw.settings.port
     total = 400
     published = 0
-    progress = asyncio.Event()
 
     async def publisher() -> None:
         nonlocal published
         for i in range(total):
             await apublish_durable(redis_client, CHANNEL, {"i": i})
             published += 1
-            progress.set()
             # Paced so that the restart falls in the middle of the stream.
             await asyncio.sleep(0.002)
-
-    async def published_at_least(n: int) -> None:
-        while published < n:
-            progress.clear()
-            await progress.wait()
 
     states = StateLog()
     gaps: list[Gap] = []
@@ -167,7 +154,12 @@ async def test_gateway_restart_mid_stream_loses_and_repeats_nothing(
                 await asyncio.wait_for(gw.stop(), 15)
                 await states.reach("reconnecting")
                 # Make sure entries land while no gateway is there to see them.
-                await asyncio.wait_for(published_at_least(published + 20), 10)
+                target = published + 20
+                await eventually(
+                    lambda: published >= target,
+                    timeout=10,
+                    what="20 entries published while no gateway runs",
+                )
                 await _durable_gateway(make_gateway, port=port)
                 while len(received) < total:
                     received.append(await sub.get(timeout=10))

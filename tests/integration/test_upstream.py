@@ -10,19 +10,12 @@ import redis.asyncio as aioredis
 from redis_ws_client.client import GatewayClient
 from tests.support.gateway import RunningGateway
 from tests.support.redis_server import RedisServer
+from tests.support.wait import eventually
 
 
 async def _numsub(r: aioredis.Redis, channel: str) -> int:
     [(_, count)] = await r.pubsub_numsub(channel)
     return int(count)
-
-
-async def _wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 async def test_hundred_clients_make_one_upstream_subscription(
@@ -45,7 +38,7 @@ async def test_hundred_clients_make_one_upstream_subscription(
             and await redis_client.pubsub_numpat() == 0
         )
 
-    await _wait_for(released)
+    await eventually(released, timeout=5, what="the upstream subscriptions to be released")
     assert not gateway.gateway.hub.channels and not gateway.gateway.hub.patterns
 
 
@@ -134,7 +127,11 @@ async def test_subscribe_while_redis_down_goes_live_later(
     gateway: RunningGateway, redis_server: RedisServer
 ) -> None:
     redis_server.kill()
-    await _wait_for(lambda: _not(gateway.gateway.upstream.connected.is_set()))
+    await eventually(
+        lambda: not gateway.gateway.upstream.connected.is_set(),
+        timeout=5,
+        what="the gateway to see Redis gone",
+    )
     async with GatewayClient(gateway.url) as c:
         reply = await c.subscribe("later")
         assert reply["subscriptions"][0]["live"] is False
@@ -149,10 +146,6 @@ async def test_subscribe_while_redis_down_goes_live_later(
         assert (await c.next_of_type("data"))["seq"] == 1
 
 
-async def _not(value: bool) -> bool:
-    return not value
-
-
 async def test_health_endpoints(gateway: RunningGateway, redis_server: RedisServer) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(gateway.http + "/healthz") as resp:
@@ -165,7 +158,7 @@ async def test_health_endpoints(gateway: RunningGateway, redis_server: RedisServ
             async with http.get(gateway.http + "/readyz") as resp:
                 return resp.status == 503
 
-        await _wait_for(not_ready)
+        await eventually(not_ready, timeout=5, what="/readyz to answer 503")
         async with http.get(gateway.http + "/healthz") as resp:
             assert resp.status == 200
 

@@ -58,15 +58,15 @@ async def _read_until(
 ) -> list[str]:
     """Lines of ``stream`` up to and including the first for which ``done`` holds."""
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        raw = await asyncio.wait_for(stream.readline(), max(0.1, deadline - time.monotonic()))
-        if not raw:
-            raise AssertionError(f"stream ended before the awaited line; got {lines}")
-        line = raw.decode().rstrip("\n")
-        lines.append(line)
-        if done(line):
-            return lines
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError(f"stream ended before the awaited line; got {lines}")
+            line = raw.decode().rstrip("\n")
+            lines.append(line)
+            if done(line):
+                return lines
 
 
 def _events(lines: list[str]) -> list[dict[str, Any]]:
@@ -205,7 +205,7 @@ async def test_tail_into_head_ends_quietly(
         # takes the write after head's exit.
         while proc.returncode is None:
             await redis_client.publish("market:tick:NIFTY", '{"ltp": 1}')
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # paces the publisher
 
     publisher = asyncio.create_task(publish_until_done())
     try:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,17 +74,17 @@ async def running_demo() -> AsyncIterator[Demo]:
     demo = Demo(port, proc)
     assert proc.stdout is not None
     try:
-        deadline = time.monotonic() + BANNER_TIMEOUT
-        while True:
-            raw = await asyncio.wait_for(proc.stdout.readline(), deadline - time.monotonic())
-            if not raw:
-                raise AssertionError(f"demo exited before its banner: {demo.banner}")
-            line = raw.decode().rstrip("\n")
-            if "demo: gateway on" in line:
-                demo.listening_at_banner = await _answers(port)
-            demo.banner.append(line)
-            if "Ctrl-C stops" in line:
-                break
+        async with asyncio.timeout(BANNER_TIMEOUT):
+            while True:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    raise AssertionError(f"demo exited before its banner: {demo.banner}")
+                line = raw.decode().rstrip("\n")
+                if "demo: gateway on" in line:
+                    demo.listening_at_banner = await _answers(port)
+                demo.banner.append(line)
+                if "Ctrl-C stops" in line:
+                    break
         yield demo
     finally:
         if proc.returncode is None:

@@ -12,6 +12,7 @@ from redis_ws_gateway.config import Settings
 from redis_ws_gateway.server import Gateway
 
 from .redis_server import free_port
+from .wait import eventually
 
 
 class RunningGateway:
@@ -63,22 +64,21 @@ def gateway_settings(redis_url: str, **overrides: Any) -> Settings:
 
 async def wait_ready(http_base: str, timeout: float = 15.0) -> None:
     """Until GET /readyz answers 200."""
-    import asyncio
-    import time
-
     import aiohttp
 
-    deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(http_base + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise TimeoutError(f"gateway at {http_base} not ready")
+
+        async def ready() -> bool:
+            async with http.get(http_base + "/readyz") as resp:
+                return resp.status == 200
+
+        await eventually(
+            ready,
+            timeout=timeout,
+            interval=0.05,
+            what=f"gateway at {http_base} to be ready",
+            ignoring=(aiohttp.ClientConnectionError,),
+        )
 
 
 async def spawn_gateway(
@@ -119,7 +119,7 @@ async def spawn_gateway(
     if ready:
         try:
             await wait_ready(f"http://127.0.0.1:{port}")
-        except TimeoutError:
+        except BaseException:  # not ready in time, or the test was cancelled
             proc.kill()
             await proc.wait()
             raise

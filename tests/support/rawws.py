@@ -72,15 +72,15 @@ class RawClient:
 
     async def read_until_close(self, timeout: float = 5.0) -> Frame | None:
         """Frames until a close frame (returned) or EOF (None)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                f = await self.read_frame(max(0.01, deadline - time.monotonic()))
-            except asyncio.IncompleteReadError:
-                return None
-            self.frames.append(f)
-            if f.opcode == 0x8:
-                return f
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    f = await self.read_frame(timeout)
+                except asyncio.IncompleteReadError:
+                    return None
+                self.frames.append(f)
+                if f.opcode == 0x8:
+                    return f
 
     def close(self) -> None:
         self.writer.transport.abort()

@@ -9,8 +9,9 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from .wait import wait_until
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,20 +68,14 @@ class RedisServer:
             raise
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
+        def pong() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on {self.port} exited: {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.02)
-        raise TimeoutError(f"redis-server on {self.port} not ready: {last_error}")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+
+        wait_until(pong, timeout=timeout, what=f"redis-server on {self.port}", ignoring=(OSError,))
 
     def command(self, *args: str) -> str:
         """Run one command through redis-cli and return its raw output."""

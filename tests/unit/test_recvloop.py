@@ -17,6 +17,7 @@ import pytest
 # receivers, which its report names).
 from redis_ws_bench import _recvloop as recvloop
 from redis_ws_bench import bench
+from tests.support.wait import wait_until
 
 OFFSET = bench.OFFSET
 
@@ -72,13 +73,12 @@ class Harness:
                 self.counts[g][idx] += n
 
     def wait_frames(self, slot: int, want: int, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def reached() -> bool:
             self.take()
-            if self.frames[slot] >= want:
-                return
-            assert time.monotonic() < deadline, f"slot {slot}: {self.frames[slot]} < {want}"
-            time.sleep(0.001)
+            assert self.frames[slot] >= want, f"slot {slot}: {self.frames[slot]} < {want}"
+            return True
+
+        wait_until(reached, timeout=timeout, interval=0.001, what=f"{want} frames on slot {slot}")
 
     def event(self, timeout: float = 5.0) -> tuple[int, int, int, bytes]:
         return self.events.get(timeout=timeout)

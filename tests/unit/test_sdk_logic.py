@@ -33,6 +33,7 @@ from redis_ws_client.sdk import (
     is_pattern,
     offset_key,
 )
+from tests.support.wait import eventually
 
 # --- pure helpers -------------------------------------------------------------------
 
@@ -113,24 +114,78 @@ def test_since_and_snapshot_are_checked() -> None:
         client.subscribe_iter()
 
 
-# --- frame bookkeeping without a connection -------------------------------------------
+# --- frame bookkeeping, frame by frame -----------------------------------------------
 
 
 class Harness:
-    """A client fed frames by hand, as its reader would feed them."""
+    """A client connected to a server whose every frame the test writes by
+    hand. Subscribe requests wait for the test's ``reply``; pings and
+    unsubscribes are answered at once. ``feed`` returns once the client has
+    handled the frame: a ping sent after it has been answered."""
 
     def __init__(self) -> None:
         self.gaps: list[Gap] = []
-        self.client = ResilientClient("ws://127.0.0.1:9/ws", on_gap=self.gaps.append)
+        self.client = ResilientClient(
+            "ws://127.0.0.1:9/ws", on_gap=self.gaps.append, backoff_base=0.01, backoff_max=0.05
+        )
+        self.subscribes: list[dict[str, Any]] = []
+        self._ws: web.WebSocketResponse | None = None
+        self._starts: list[asyncio.Task[Subscription]] = []
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> Harness:
+        app = web.Application()
+        app.router.add_get("/ws", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.client.url = f"ws://127.0.0.1:{self._runner.addresses[0][1]}/ws"
+        await self.client.connect()
+        return self
+
+    async def stop(self) -> None:
+        await self.client.close()
+        await asyncio.gather(*self._starts, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._ws = ws
+        async for msg in ws:
+            req = orjson.loads(msg.data)
+            rid = req.get("requestId")
+            if req["action"] == "ping":
+                await ws.send_str(orjson.dumps({"type": "pong", "requestId": rid}).decode())
+            elif req["action"] == "unsubscribe":
+                reply = {"type": "unsubscribed", "requestId": rid, "channels": req["channels"]}
+                await ws.send_str(orjson.dumps(reply).decode())
+            else:
+                self.subscribes.append(req)
+        return ws
+
+    async def _next_subscribe(self, sent: int, what: str) -> None:
+        await eventually(lambda: len(self.subscribes) > sent, timeout=5, what=what)
 
     async def subscribe(self, *names: str, **kwargs: Any) -> Subscription:
-        return await self.client.subscribe_iter(*names, **kwargs).start()
+        """The subscription once its request has reached the server."""
+        sub = self.client.subscribe_iter(*names, **kwargs)
+        sent = len(self.subscribes)
+        self._starts.append(asyncio.create_task(sub.start()))
+        await self._next_subscribe(sent, f"the subscribe request for {names}")
+        return sub
 
     async def feed(self, **frame: Any) -> None:
-        await self.client._on_frame(dict(frame))
+        assert self._ws is not None
+        await self._ws.send_str(orjson.dumps(frame).decode())
+        await self.client.ping()
 
-    async def reply(self, *states: dict[str, Any]) -> None:
-        await self.feed(type="subscribed", requestId="s1", subscriptions=list(states))
+    async def reply(self, *states: dict[str, Any], request_id: str | None = None) -> None:
+        """The ``subscribed`` reply to the latest subscribe request (or to
+        ``request_id``)."""
+        rid = request_id or self.subscribes[-1]["requestId"]
+        await self.feed(type="subscribed", requestId=rid, subscriptions=list(states))
 
     async def data(self, channel: str, seq: int | None, **extra: Any) -> None:
         frame: dict[str, Any] = {"type": "data", "channel": channel, "data": {"seq": seq}}
@@ -138,21 +193,28 @@ class Harness:
             frame["seq"] = seq
         await self.feed(**frame, **extra)
 
-    def reconnected(self) -> None:
-        for entry in self.client._entries.values():
-            entry.reset()
-            entry.sent = True
-            entry.request_id = "s1"
-            wire = entry.wire()
-            entry.resumed = not isinstance(wire, str) and "since" in wire
+    async def reconnect(self) -> list[Any]:
+        """The server closes the connection (1012); the client comes back and
+        subscribes again. Returns what that request asked for."""
+        assert self._ws is not None
+        sent = len(self.subscribes)
+        await self._ws.close(code=1012)
+        await self._next_subscribe(sent, "the subscribe request after reconnecting")
+        return list(self.subscribes[-1]["channels"])
+
+
+@pytest.fixture
+async def h() -> AsyncIterator[Harness]:
+    harness = await Harness().start()
+    yield harness
+    await harness.stop()
 
 
 async def _drain(sub: Subscription, n: int) -> list[Message]:
     return [await sub.get(timeout=1) for _ in range(n)]
 
 
-async def test_seq_jump_within_an_epoch_is_a_gap_with_the_exact_count() -> None:
-    h = Harness()
+async def test_seq_jump_within_an_epoch_is_a_gap_with_the_exact_count(h: Harness) -> None:
     sub = await h.subscribe("market:tick:X")
     await h.reply({"channel": "market:tick:X", "epoch": "e1", "seq": 41, "live": True})
     for seq in (42, 43, 47, 48):
@@ -167,8 +229,7 @@ async def test_seq_jump_within_an_epoch_is_a_gap_with_the_exact_count() -> None:
     assert all(m.epoch == "e1" for m in msgs)
 
 
-async def test_first_frame_after_the_reply_continues_its_seq() -> None:
-    h = Harness()
+async def test_first_frame_after_the_reply_continues_its_seq(h: Harness) -> None:
     sub = await h.subscribe("a")
     await h.reply({"channel": "a", "epoch": "e1", "seq": 0, "live": True})
     await h.data("a", 2)
@@ -176,8 +237,9 @@ async def test_first_frame_after_the_reply_continues_its_seq() -> None:
     assert msg.gap is not None and msg.gap.missed == 1
 
 
-async def test_upstream_loss_is_one_gap_and_new_epoch_frames_before_the_notice_count() -> None:
-    h = Harness()
+async def test_upstream_loss_is_one_gap_and_new_epoch_frames_before_the_notice_count(
+    h: Harness,
+) -> None:
     sub = await h.subscribe("a")
     await h.reply({"channel": "a", "epoch": "e1", "seq": 5, "live": True})
     await h.feed(type="upstream_lost", subscriptions=[{"channel": "a"}])
@@ -195,8 +257,7 @@ async def test_upstream_loss_is_one_gap_and_new_epoch_frames_before_the_notice_c
     assert msgs[2].epoch == "e2"
 
 
-async def test_pattern_and_exact_subscriptions_count_seq_separately() -> None:
-    h = Harness()
+async def test_pattern_and_exact_subscriptions_count_seq_separately(h: Harness) -> None:
     sub = await h.subscribe("s:N", "s:*")
     await h.reply(
         {"channel": "s:N", "epoch": "e1", "seq": 0, "live": True},
@@ -210,8 +271,7 @@ async def test_pattern_and_exact_subscriptions_count_seq_separately() -> None:
     assert h.gaps == []
 
 
-async def test_replay_frames_carry_offsets_and_leave_seq_alone() -> None:
-    h = Harness()
+async def test_replay_frames_carry_offsets_and_leave_seq_alone(h: Harness) -> None:
     sub = await h.subscribe("d:1", since="100-0")
     await h.data("d:1", None, replay=True, offset="100-1")
     await h.data("d:1", None, replay=True, offset="101-0")
@@ -239,8 +299,7 @@ async def test_replay_frames_carry_offsets_and_leave_seq_alone() -> None:
     assert state.durable and state.offset == "102-0"
 
 
-async def test_an_entry_at_or_before_the_last_offset_is_a_duplicate() -> None:
-    h = Harness()
+async def test_an_entry_at_or_before_the_last_offset_is_a_duplicate(h: Harness) -> None:
     sub = await h.subscribe("d:1", since="5-0")
     await h.data("d:1", None, replay=True, offset="5-0")
     await h.data("d:1", None, replay=True, offset="6-0")
@@ -251,8 +310,7 @@ async def test_an_entry_at_or_before_the_last_offset_is_a_duplicate() -> None:
     assert h.client.stats.duplicates == 2
 
 
-async def test_reconnect_resumes_durable_channels_and_reports_plain_ones() -> None:
-    h = Harness()
+async def test_reconnect_resumes_durable_channels_and_reports_plain_ones(h: Harness) -> None:
     sub = await h.subscribe("plain", "d:1", "d:empty")
     await h.reply(
         {"channel": "plain", "epoch": "e1", "seq": 0, "live": True},
@@ -263,13 +321,11 @@ async def test_reconnect_resumes_durable_channels_and_reports_plain_ones() -> No
     )  # fmt: skip
     await h.data("d:1", 1, offset="51-0")
     await _drain(sub, 1)
-    wire = {e.key: e.wire() for e in h.client._entries.values()}
-    assert wire == {
-        "plain": "plain",
-        "d:1": {"channel": "d:1", "since": "51-0"},
-        "d:empty": {"channel": "d:empty", "since": "0-0"},
-    }
-    h.reconnected()
+    assert await h.reconnect() == [
+        "plain",
+        {"channel": "d:1", "since": "51-0"},
+        {"channel": "d:empty", "since": "0-0"},
+    ]
     await h.reply(
         {"channel": "plain", "epoch": "e4", "seq": 0, "live": True},
         {"channel": "d:1", "epoch": "e5", "seq": 0, "live": True, "durable": True,
@@ -283,20 +339,17 @@ async def test_reconnect_resumes_durable_channels_and_reports_plain_ones() -> No
     ]
 
 
-async def test_snapshot_of_a_durable_channel_gives_way_to_resume() -> None:
-    h = Harness()
+async def test_snapshot_of_a_durable_channel_gives_way_to_resume(h: Harness) -> None:
     await h.subscribe("d:1", snapshot=5)
-    (entry,) = h.client._entries.values()
-    assert entry.wire() == {"channel": "d:1", "snapshot": 5}
+    assert h.subscribes[-1]["channels"] == [{"channel": "d:1", "snapshot": 5}]
     await h.reply(
         {"channel": "d:1", "epoch": "e1", "seq": 0, "live": True, "durable": True,
          "offset": "9-0", "replayed": 5, "complete": True},
     )  # fmt: skip
-    assert entry.wire() == {"channel": "d:1", "since": "9-0"}
+    assert await h.reconnect() == [{"channel": "d:1", "since": "9-0"}]
 
 
-async def test_state_snapshot_of_a_plain_channel_is_asked_again_after_reconnect() -> None:
-    h = Harness()
+async def test_state_snapshot_of_a_plain_channel_is_asked_again_after_reconnect(h: Harness) -> None:
     sub = await h.subscribe("positions:alice", snapshot=1)
     await h.feed(type="snapshot", channel="positions:alice", data={"qty": 50})
     await h.reply(
@@ -304,28 +357,24 @@ async def test_state_snapshot_of_a_plain_channel_is_asked_again_after_reconnect(
     )
     msg = await sub.get(timeout=1)
     assert msg.kind == "snapshot" and msg.data == {"qty": 50} and msg.seq is None
-    h.reconnected()
-    (entry,) = h.client._entries.values()
-    assert entry.wire() == {"channel": "positions:alice", "snapshot": 1}
+    assert await h.reconnect() == [{"channel": "positions:alice", "snapshot": 1}]
 
 
-async def test_a_stale_reply_does_not_overwrite_the_latest_request() -> None:
-    h = Harness()
+async def test_a_stale_reply_does_not_overwrite_the_latest_request(h: Harness) -> None:
     await h.subscribe("a")
-    (entry,) = h.client._entries.values()
-    entry.request_id = "s2"
-    await h.reply({"channel": "a", "epoch": "old", "seq": 99, "live": True})
-    assert entry.epoch is None
-    await h.feed(
-        type="subscribed",
-        requestId="s2",
-        subscriptions=[{"channel": "a", "epoch": "new", "seq": 0, "live": True}],
-    )
-    assert entry.epoch == "new" and entry.last_seq == 0
+    first = h.subscribes[-1]["requestId"]
+    # Unanswered when the connection drops: sent again as a new request.
+    await h.reconnect()
+    assert h.subscribes[-1]["requestId"] != first
+    await h.reply({"channel": "a", "epoch": "old", "seq": 99, "live": True}, request_id=first)
+    (state,) = h.client.subscriptions()
+    assert state.epoch is None
+    await h.reply({"channel": "a", "epoch": "new", "seq": 0, "live": True})
+    (state,) = h.client.subscriptions()
+    assert state.epoch == "new" and state.last_seq == 0
 
 
-async def test_forbidden_after_refresh_ends_the_subscription_with_a_typed_error() -> None:
-    h = Harness()
+async def test_forbidden_after_refresh_ends_the_subscription_with_a_typed_error(h: Harness) -> None:
     errors: list[BaseException] = []
     h.client.on_error = errors.append
     sub = await h.subscribe("engine:decision:X")
@@ -339,8 +388,7 @@ async def test_forbidden_after_refresh_ends_the_subscription_with_a_typed_error(
     assert errors == [err.value]
 
 
-async def test_a_throwing_gap_callback_does_not_stop_delivery() -> None:
-    h = Harness()
+async def test_a_throwing_gap_callback_does_not_stop_delivery(h: Harness) -> None:
 
     def explode(_: Gap) -> None:
         raise RuntimeError("boom")
@@ -352,27 +400,25 @@ async def test_a_throwing_gap_callback_does_not_stop_delivery() -> None:
     assert (await sub.get(timeout=1)).seq == 5
 
 
-async def test_a_full_queue_holds_the_reader_until_the_consumer_reads() -> None:
-    h = Harness()
-    sub = await h.client.subscribe_iter("a", queue_size=2).start()
+async def test_a_full_queue_holds_the_reader_until_the_consumer_reads(h: Harness) -> None:
+    sub = await h.subscribe("a", queue_size=2)
     await h.reply({"channel": "a", "epoch": "e1", "seq": 0, "live": True})
     await h.data("a", 1)
     await h.data("a", 2)
     third = asyncio.create_task(h.data("a", 3))
-    await asyncio.sleep(0)
-    assert not third.done() and h.client._blocked
+    await eventually(lambda: h.client.backpressured, timeout=5, what="the reader to be held")
+    assert not third.done() and h.client.backpressured
     assert (await sub.get(timeout=1)).seq == 1
     await asyncio.wait_for(third, 1)
-    assert not h.client._blocked
+    assert not h.client.backpressured
     assert [m.seq for m in await _drain(sub, 2)] == [2, 3]
 
 
-async def test_closing_a_subscription_releases_a_blocked_reader() -> None:
-    h = Harness()
-    sub = await h.client.subscribe_iter("a", queue_size=1).start()
+async def test_closing_a_subscription_releases_a_blocked_reader(h: Harness) -> None:
+    sub = await h.subscribe("a", queue_size=1)
     await h.data("a", 1)
     blocked = asyncio.create_task(h.data("a", 2))
-    await asyncio.sleep(0)
+    await eventually(lambda: h.client.backpressured, timeout=5, what="the reader to be held")
     assert not blocked.done()
     await sub.close()
     await asyncio.wait_for(blocked, 1)
@@ -556,18 +602,19 @@ async def test_durable_channel_seen_empty_resumes_from_the_start(
 
 
 async def test_a_gateway_without_channel_objects_gets_plain_names_after_reconnect() -> None:
-    gw = await ScriptedGateway(set(), objects=False).start()
+    # "x" is backed by a stream, so its frames carry offsets.
+    gw = await ScriptedGateway({"x"}, objects=False).start()
     try:
         async with _fast(gw.url) as client:
             async with client.subscribe_iter("x") as sub:
-                (entry,) = client._entries.values()
-                entry.offset = "5-0"  # as if a frame had carried an offset
+                offset = await gw.append("x", {"n": 0})
+                assert (await sub.get(timeout=2)).offset == offset == "1000-0"
                 gw.subscribed.clear()
                 await gw.kill()
                 await asyncio.wait_for(gw.subscribed.wait(), 5)
                 assert not sub.closed
         subscribes = [r["channels"] for r in gw.requests if r["action"] == "subscribe"]
-        assert subscribes == [["x"], [{"channel": "x", "since": "5-0"}], ["x"]]
+        assert subscribes == [["x"], [{"channel": "x", "since": "1000-0"}], ["x"]]
     finally:
         await gw.stop()
 

@@ -160,12 +160,16 @@ class SubscriptionDropped(GatewayClientError):
 
 @dataclass(slots=True)
 class Stats:
+    """Counters since the client was created, for metrics."""
+
     messages: int = 0
     replayed: int = 0
     duplicates: int = 0
     gaps: int = 0
     missed: int = 0
     reconnects: int = 0
+    # Keepalive pings the idle watchdog sent that were answered by a pong.
+    keepalive_pings: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +507,13 @@ class ResilientClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def backpressured(self) -> bool:
+        """True while the socket reader waits for room in a full subscription
+        queue: a consumer that does not keep up is holding the connection
+        back (and the gateway will soon see a slow consumer)."""
+        return self._blocked
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until a connection is open and its subscriptions were sent."""
         await asyncio.wait_for(self._connected.wait(), timeout)
@@ -626,6 +637,7 @@ class ResilientClient:
                 continue
             try:
                 await conn.request("ping", timeout=self.ping_timeout)
+                self.stats.keepalive_pings += 1
             except RequestTimeout:
                 if self._blocked:
                     continue
