@@ -156,7 +156,8 @@ class Server:
         self, listeners: Sequence[tuple[Part, socket.socket]], ready: asyncio.Event | None = None
     ) -> None:
         """Start, listen on ``listeners``, wait for SIGTERM/SIGINT, drain and
-        stop, in this order; however it ends, what started is stopped."""
+        stop, in this order; however it ends, what started is stopped and the
+        listening sockets, which are the server's from here on, are closed."""
         runners: list[web.AppRunner] = []
         sites: list[web.SockSite] = []
         loop = asyncio.get_running_loop()
@@ -204,6 +205,9 @@ class Server:
             await self.stop()
             for runner in runners:
                 await runner.cleanup()
+            # Listeners no site took (a failure before they were served) too.
+            for _, sock in listeners:
+                sock.close()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             if self.tracer_provider is not None:
