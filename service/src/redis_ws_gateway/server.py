@@ -54,6 +54,11 @@ Part = Literal["all", "public", "internal"]
 
 
 class Server:
+    """The gateway's parts and what binds them: the constructor builds each
+    one from the ones it needs (Redis side first, then the connections'
+    handler, then the HTTP routes), ``build_app``/``runner`` lay out the
+    routes per port, and ``serve`` runs the whole life of the process."""
+
     def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
         self.tracer_provider = tracer_provider
