@@ -41,7 +41,7 @@ async def make_gateway(redis_server: RedisServer) -> AsyncIterator[GatewayFactor
         gw = RunningGateway(gateway_settings(redis_server.url, **overrides))
         await gw.start()
         started.append(gw)
-        await gw.gateway.upstream.connected.wait()
+        await gw.server.upstream.connected.wait()
         return gw
 
     yield factory

@@ -21,7 +21,7 @@ CHROMIUM_ARGS = [
 ]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts"
-STATIC = REPO_ROOT / "service" / "src" / "redis_ws_gateway" / "static"
+STATIC = REPO_ROOT / "service" / "src" / "redis_ws_gateway" / "web" / "static"
 # Generous: a loaded CI machine starts chromium slowly, and waits end as soon
 # as their condition holds.
 WAIT_MS = 15_000

@@ -94,7 +94,7 @@ async def test_console_shows_a_published_message_in_table_and_log(
     # Unsubscribing through the UI reaches the server.
     await sub.locator("button").click()
     await expect(sub).to_have_count(0)
-    session = next(iter(gateway.gateway.sessions))
+    session = next(iter(gateway.server.sessions))
     await eventually(
         lambda: ("pattern", "market:tick:*") not in session.subscriptions,
         timeout=WAIT_MS / 1000,
@@ -132,7 +132,7 @@ async def test_client_reconnects_and_resubscribes_after_gateway_restart(
     redis_server: RedisServer, redis_client: aioredis.Redis, page: Page
 ) -> None:
     first = await RunningGateway(gateway_settings(redis_server.url)).start()
-    await first.gateway.upstream.connected.wait()
+    await first.server.upstream.connected.wait()
     port = first.settings.port
     running = [first]
     try:
@@ -161,12 +161,12 @@ async def test_client_reconnects_and_resubscribes_after_gateway_restart(
 
         second = await RunningGateway(gateway_settings(redis_server.url, port=port)).start()
         running.append(second)
-        await second.gateway.upstream.connected.wait()
+        await second.server.upstream.connected.wait()
         await page.wait_for_function(
             """() => window.client.state === 'open'
                 && window.client.subscriptions()[0].status === 'live'"""
         )
-        assert b"orders:NIFTY" in second.gateway.hub.channels
+        assert b"orders:NIFTY" in second.server.hub.channels
 
         assert await redis_client.publish("orders:NIFTY", '{"n": 2}') == 1
         await page.wait_for_function("() => window.seen.some((m) => m.data.n === 2)")
@@ -213,7 +213,7 @@ async def test_subscribe_unsubscribe_subscribe_in_one_breath_ends_subscribed(
         gateway.url,
     )
     assert state["status"] == "live"
-    session = next(iter(gateway.gateway.sessions))
+    session = next(iter(gateway.server.sessions))
     assert ("channel", "orders:X") in session.subscriptions
     assert await redis_client.publish("orders:X", "hello") == 1
     await page.wait_for_function("() => window.seen.length === 1")

@@ -401,7 +401,7 @@ async def test_second_wall_filters_every_routed_message(
         await c.subscribe("engine:*")
         # Simulate a subscribe-time check that let too much through: the
         # router must still refuse to deliver what the role may not read.
-        [session] = gateway.gateway.sessions
+        [session] = gateway.server.sessions
         narrow_acl = Acl({"user": RolePolicy(allow=("engine:signal:*",))})
         session.principal = Principal("x", ("user",), narrow_acl)
         await redis_client.publish("engine:decision:X", b"secret")

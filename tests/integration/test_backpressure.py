@@ -38,7 +38,7 @@ async def _slow_client(gw: RunningGateway, channel: str) -> tuple[aiohttp.Client
 
 def _session_of(gw: RunningGateway, channel: str) -> Any:
     """The newest session on the channel: the slow client, opened last."""
-    return [s for s in gw.gateway.sessions if ("channel", channel) in s.subscriptions][-1]
+    return [s for s in gw.server.sessions if ("channel", channel) in s.subscriptions][-1]
 
 
 async def _publish_until_lagging(
@@ -230,7 +230,7 @@ async def test_a_closed_slow_consumer_that_never_reads_is_reset(
         await eventually(
             lambda: server_socket.fileno() == -1, timeout=5, what="the socket to be released"
         )
-        assert session not in gw.gateway.sessions
+        assert session not in gw.server.sessions
     finally:
         sock.close()
 

@@ -112,8 +112,8 @@ async def test_aiohttp_lets_go_of_an_upgraded_connection(
         assert gateway.runner.server.connections == []
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, RequestHandler)]
-        (session,) = gateway.gateway.sessions
-        conn = gateway.gateway.sessions[session]
+        (session,) = gateway.server.sessions
+        conn = gateway.server.sessions[session]
         assert session.transport.get_protocol() is conn
         assert isinstance(conn, WsConnection) and not session.transport.is_closing()
         # And the connection still works both ways.
@@ -142,8 +142,8 @@ async def test_frames_split_anywhere_and_fragmented_messages_are_read(
 ) -> None:
     c = await RawClient.connect(gateway)
     try:
-        (session,) = gateway.gateway.sessions
-        conn = gateway.gateway.sessions[session]
+        (session,) = gateway.server.sessions
+        conn = gateway.server.sessions[session]
         frame = client_frame(b'{"action":"ping","requestId":"one"}')
         for i in range(len(frame)):  # one byte per read
             await c.send(frame[i : i + 1])
@@ -210,7 +210,7 @@ async def test_server_pings_on_one_timer_keep_answering_clients(
         # without a close frame (its client sees 1006).
         assert await quiet.frame() == (0x9, b"")
         assert await quiet.eof()
-        assert len(gw.gateway.sessions) == 1
+        assert len(gw.server.sessions) == 1
     finally:
         quiet.close()
         live.close()
@@ -221,7 +221,7 @@ async def test_server_close_frame_carries_code_and_reason_and_is_counted(
 ) -> None:
     c = await RawClient.connect(gateway)
     try:
-        (session,) = gateway.gateway.sessions
+        (session,) = gateway.server.sessions
         session.close(4008, "slow consumer: outbound buffer full")
         assert await c.close_frame() == (4008, b"slow consumer: outbound buffer full")
         assert await c.eof()

@@ -53,7 +53,7 @@ async def durable_gateway(redis_server: RedisServer) -> AsyncIterator[RunningGat
         )
     )
     await gw.start()
-    await gw.gateway.upstream.connected.wait()
+    await gw.server.upstream.connected.wait()
     yield gw
     await gw.stop()
 
@@ -400,7 +400,7 @@ async def test_resume_ahead_of_this_pods_reader_is_not_delivered_twice(
     """A client resumes on a pod whose reader has not yet read as far as the
     client's offset (the client came from another pod)."""
     channel = "engine:decision:AHEAD"
-    durable = durable_gateway.gateway.durable
+    durable = durable_gateway.server.durable
     async with GatewayClient(durable_gateway.url) as first:
         await first.subscribe(channel)  # the topic exists; its cursor is the stream's end
         # Freeze this pod's reader, then let the stream move on without it.
@@ -444,7 +444,7 @@ async def test_many_clients_resuming_the_same_range_share_the_cached_frames(
     durable_gateway: RunningGateway, redis_client: aioredis.Redis
 ) -> None:
     channel = "engine:decision:CACHE"
-    durable = durable_gateway.gateway.durable
+    durable = durable_gateway.server.durable
     async with GatewayClient(durable_gateway.url) as live:
         await live.subscribe(channel)  # the topic lives; its reader fills the cache
         ids = [await xadd(redis_client, channel, {"i": i}) for i in range(50)]
@@ -462,7 +462,7 @@ async def test_resume_on_a_fresh_topic_backfills_the_cache_once(
     ids = [await xadd(redis_client, channel, {"i": i}) for i in range(30)]
     results = await _resume_all(durable_gateway.url, channel, ids[4], 10)
     assert all(r == ids[5:] for r in results)
-    assert durable_gateway.gateway.durable.replayed_from_cache == 10 * 25
+    assert durable_gateway.server.durable.replayed_from_cache == 10 * 25
 
 
 async def test_replay_beyond_a_small_cache_mixes_redis_and_memory_exactly_once(
@@ -479,7 +479,7 @@ async def test_replay_beyond_a_small_cache_mixes_redis_and_memory_exactly_once(
             await live.next_of_type("data")
         [got] = await _resume_all(gw.url, channel, ids[2], 1)
     assert got == ids[3:]
-    assert 0 < gw.gateway.durable.replayed_from_cache <= 5
+    assert 0 < gw.server.durable.replayed_from_cache <= 5
 
 
 class _StuckReader:
@@ -514,7 +514,7 @@ async def test_a_readers_client_that_keeps_failing_is_replaced(
     await gw.start()
     try:
         stuck = _StuckReader()
-        gw.gateway.durable._reader = stuck  # type: ignore[assignment]
+        gw.server.durable._reader = stuck  # type: ignore[assignment]
         async with GatewayClient(gw.url) as c:
             await c.subscribe("engine:decision:RENEW")
             entry = await xadd(redis_client, "engine:decision:RENEW", {"i": 1})
@@ -522,6 +522,6 @@ async def test_a_readers_client_that_keeps_failing_is_replaced(
             [frame] = await collect_data(c, 1, timeout=15)
         assert frame["offset"] == entry
         assert stuck.calls >= RENEW_READER_AFTER and stuck.closed
-        assert gw.gateway.durable._reader is not stuck
+        assert gw.server.durable._reader is not stuck
     finally:
         await gw.stop()

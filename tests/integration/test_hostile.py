@@ -385,9 +385,9 @@ async def test_a_client_socket_closed_under_the_fanout_leaves_redis_alone(
     await subscribe(healthy, "tick:*")
     victim_port = victim.writer.get_extra_info("sockname")[1]
     session = next(
-        s for s in gw.gateway.sessions if s.transport.get_extra_info("peername")[1] == victim_port
+        s for s in gw.server.sessions if s.transport.get_extra_info("peername")[1] == victim_port
     )
-    upstream_before = gw.gateway.upstream._conn
+    upstream_before = gw.server.upstream._conn
 
     class Bystander(asyncio.Protocol):
         gone = asyncio.Event()
@@ -409,6 +409,6 @@ async def test_a_client_socket_closed_under_the_fanout_leaves_redis_alone(
     await redis_client.publish("tick:A", b'{"p": 2}')
     msg = await next_json(healthy)
     assert msg["type"] == "data" and msg["data"] == {"p": 2}, msg
-    assert gw.gateway.upstream._conn is upstream_before
+    assert gw.server.upstream._conn is upstream_before
     # What uvloop tells the connection in the end.
-    gw.gateway.sessions[session].connection_lost(None)
+    gw.server.sessions[session].connection_lost(None)

@@ -173,3 +173,29 @@ async def test_selftest_passes_against_a_live_gateway(
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     assert b"received the published message" in out
+
+
+async def test_a_failure_while_starting_stops_what_had_started(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server.serve stops the parts that started before one failed: the
+    Redis connection's task ends and the listening socket is closed, and
+    the error is the one that stopped the start."""
+    import socket
+
+    from redis_ws_gateway.server import Server
+    from tests.support.gateway import gateway_settings
+
+    server = Server(gateway_settings(redis_server.url))
+
+    def refuse() -> None:
+        raise RuntimeError("the stream reader could not start")
+
+    monkeypatch.setattr(server.durable, "start", refuse)
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    with pytest.raises(RuntimeError, match="could not start"):
+        await server.serve([("all", sock)])
+    task = server.upstream._task
+    assert task is not None and task.done()
+    assert sock.fileno() == -1

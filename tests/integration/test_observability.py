@@ -107,7 +107,7 @@ async def traced(
         provider,
     )
     await gw.start()
-    await gw.gateway.upstream.connected.wait()
+    await gw.server.upstream.connected.wait()
     yield gw, exporter
     await gw.stop()
     provider.shutdown()
@@ -228,13 +228,13 @@ def test_openapi_describes_exactly_the_http_routes(tmp_path: object) -> None:
     import yaml
 
     from redis_ws_gateway.config import Settings
-    from redis_ws_gateway.server import Gateway
+    from redis_ws_gateway.server import Server
 
     spec = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
     documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
 
     async def routes() -> set[tuple[str, str]]:
-        app = Gateway(Settings()).build_app()
+        app = Server(Settings()).build_app()
         out = set()
         for route in app.router.routes():
             info = route.resource.get_info() if route.resource else {}

@@ -251,7 +251,7 @@ async def test_unresponsive_client_is_closed_by_server_pings(make_gateway: objec
         msg = await asyncio.wait_for(_until_closed(ws), 5)
         assert msg in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
         await ws.close()
-    assert not gw.gateway.sessions
+    assert not gw.server.sessions
 
 
 async def _until_closed(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMsgType:

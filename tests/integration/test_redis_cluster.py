@@ -131,7 +131,7 @@ async def cluster_gateway(cluster: Cluster) -> AsyncIterator[RunningGateway]:
         )
     )
     await gw.start()
-    await asyncio.wait_for(gw.gateway.upstream.connected.wait(), 15)
+    await asyncio.wait_for(gw.server.upstream.connected.wait(), 15)
     yield gw
     await gw.stop()
 
@@ -148,7 +148,7 @@ async def test_classic_pubsub_from_any_node_and_publish_endpoint(
     cluster: Cluster, cluster_gateway: RunningGateway
 ) -> None:
     gw = cluster_gateway
-    connected = gw.gateway.upstream._connected_to
+    connected = gw.server.upstream._connected_to
     assert connected is not None
     others = [n.port for n in cluster.nodes if n.port != connected[1]]
     async with GatewayClient(gw.url) as c:
@@ -176,7 +176,7 @@ async def test_killed_node_moves_the_connection_and_resumes_delivery(
     cluster: Cluster, cluster_gateway: RunningGateway
 ) -> None:
     gw = cluster_gateway
-    connected = gw.gateway.upstream._connected_to
+    connected = gw.server.upstream._connected_to
     assert connected is not None
     async with GatewayClient(gw.url) as c:
         await c.subscribe("market:tick:Y")
@@ -184,7 +184,7 @@ async def test_killed_node_moves_the_connection_and_resumes_delivery(
         cluster.by_port(connected[1]).kill()
         await c.next_of_type("upstream_lost", timeout=10)
         await c.next_of_type("resubscribed", timeout=20)
-        now = gw.gateway.upstream._connected_to
+        now = gw.server.upstream._connected_to
         assert now is not None and now != connected
         survivor = next(n.port for n in cluster.nodes if n.proc is not None and n.port != now[1])
         await _publish(survivor, "market:tick:Y", b'{"after":"kill"}')
@@ -296,7 +296,7 @@ async def test_sharded_channels_are_read_from_each_slots_master(
         async with GatewayClient(gw.url) as c:
             reply = await c.subscribe(*channels)
             assert all(sub["live"] for sub in reply["subscriptions"])
-            sharded = gw.gateway.sharded
+            sharded = gw.server.sharded
             assert sharded is not None
             assert sharded.stats()["nodes"] == [f"127.0.0.1:{m}" for m in masters]
             async with aiohttp.ClientSession() as http, http.get(gw.http + "/metrics") as resp:
@@ -415,7 +415,7 @@ async def test_durable_channels_on_cluster_replay_and_tail_per_slot(
             assert {f["channel"]: f["offset"] for f in live} == {
                 ch: later[ch].decode() for ch in channels
             }
-            assert len(gw.gateway.durable._groups) == 3  # one XREAD per slot
+            assert len(gw.server.durable._groups) == 3  # one XREAD per slot
     finally:
         await rc.aclose()
 
@@ -541,7 +541,7 @@ async def test_cluster_fault_keeps_sockets_notifies_and_loses_no_durable_entry(
             10,
             "traffic before the fault",
         )
-        classic_on = gw.gateway.upstream._connected_to
+        classic_on = gw.server.upstream._connected_to
         fault_at = time.time()
         if fault == "cluster-failover":
             replica = next(

@@ -147,7 +147,7 @@ async def test_tls_with_acl_user_serves_pubsub_and_durable(
         async with tls_gateway(
             info, "gateway", "gw-pass", durable=(DurableRule("engine:decision:*"),)
         ) as gw:
-            await asyncio.wait_for(gw.gateway.upstream.connected.wait(), 10)
+            await asyncio.wait_for(gw.server.upstream.connected.wait(), 10)
             async with GatewayClient(gw.url) as c:
                 await c.subscribe("market:tick:X", "engine:decision:X")
                 await r.publish("market:tick:X", b'{"tls":true}')
@@ -170,7 +170,7 @@ async def test_wrong_redis_password_keeps_the_gateway_unready(
                 assert resp.status == 503
                 assert (await resp.json())["reason"] == "redis unreachable"
             await asyncio.sleep(0.05)  # stays unready over the whole window (not a sync)
-        assert not gw.gateway.upstream.is_up
+        assert not gw.server.upstream.is_up
 
 
 async def test_least_privilege_user_refusal_shows_as_not_live(
@@ -178,7 +178,7 @@ async def test_least_privilege_user_refusal_shows_as_not_live(
 ) -> None:
     _, info = tls_redis
     async with tls_gateway(info, "narrow", "narrow-pass") as gw:
-        await asyncio.wait_for(gw.gateway.upstream.connected.wait(), 10)
+        await asyncio.wait_for(gw.server.upstream.connected.wait(), 10)
         async with GatewayClient(gw.url) as c:
             reply = await c.subscribe("market:tick:X", "engine:decision:X")
     live = {s["channel"]: s["live"] for s in reply["subscriptions"]}
@@ -264,7 +264,7 @@ async def sentinel_gateway(sentinel_set: SentinelSet) -> AsyncIterator[RunningGa
         )
     )
     await gw.start()
-    await asyncio.wait_for(gw.gateway.upstream.connected.wait(), 15)
+    await asyncio.wait_for(gw.server.upstream.connected.wait(), 15)
     yield gw
     await gw.stop()
 

@@ -108,7 +108,7 @@ async def test_bare_async_for_unsubscribes_when_the_loop_is_left(
         # What leaving an ``async for`` does, without waiting for the collector.
         await iterator.aclose()
         assert sub.closed and client.subscriptions() == []
-        (session,) = gateway.gateway.sessions
+        (session,) = gateway.server.sessions
         assert session.subscriptions == {}
         async with client.subscribe_iter("bare") as again:
             await redis_client.publish("bare", b"2")
@@ -223,8 +223,8 @@ async def test_close_1012_reconnects_and_calls_the_token_provider_again(
     states = StateLog()
     async with fast_client(gw.url, provider, on_state=states) as client:
         async with client.subscribe_iter("market:tick:X") as sub:
-            for session in list(gw.gateway.sessions):
-                gw.gateway.disconnect(session, 1012, "service restart")
+            for session in list(gw.server.sessions):
+                gw.server.ws.disconnect(session, 1012, "service restart")
             await states.reach("reconnecting")
             await client.wait_connected(10)
             assert client.close_code == 1012
@@ -349,12 +349,12 @@ async def test_refresh_token_sends_auth_and_a_refused_token_changes_nothing(
             with pytest.raises(UnauthorizedError):
                 await client.refresh_token(hs_token(sub="mallory"))
             # The refused token is not used: the next connection presents ``fresh``.
-            (old,) = gw.gateway.sessions
-            gw.gateway.disconnect(old, 1012, "service restart")
+            (old,) = gw.server.sessions
+            gw.server.ws.disconnect(old, 1012, "service restart")
             await states.reach("reconnecting")
             await client.wait_connected(10)
             (session,) = await eventually(
-                lambda: [s for s in gw.gateway.sessions if s is not old],
+                lambda: [s for s in gw.server.sessions if s is not old],
                 timeout=5,
                 what="the session of the new connection",
             )

@@ -39,7 +39,7 @@ async def test_hundred_clients_make_one_upstream_subscription(
         )
 
     await eventually(released, timeout=5, what="the upstream subscriptions to be released")
-    assert not gateway.gateway.hub.channels and not gateway.gateway.hub.patterns
+    assert not gateway.server.hub.channels and not gateway.server.hub.patterns
 
 
 async def test_resubscribe_within_linger_keeps_upstream_and_epoch(
@@ -99,7 +99,7 @@ async def test_client_kill_pubsub_is_healed(
         await c.next_of_type("resubscribed", timeout=10)
         await redis_client.publish("s1", b"back")
         assert (await c.next_of_type("data"))["data"] == "back"
-    assert gateway.gateway.upstream.reconnects >= 1
+    assert gateway.server.upstream.reconnects >= 1
 
 
 async def test_hung_redis_is_detected_by_health_check(
@@ -111,7 +111,7 @@ async def test_hung_redis_is_detected_by_health_check(
         try:
             # health timeout in tests is 0.6 s: detection well inside 5 s.
             await c.next_of_type("upstream_lost", timeout=5)
-            assert not gateway.gateway.upstream.is_up
+            assert not gateway.server.upstream.is_up
         finally:
             redis_server.resume()
         await c.next_of_type("resubscribed", timeout=10)
@@ -128,7 +128,7 @@ async def test_subscribe_while_redis_down_goes_live_later(
 ) -> None:
     redis_server.kill()
     await eventually(
-        lambda: not gateway.gateway.upstream.connected.is_set(),
+        lambda: not gateway.server.upstream.connected.is_set(),
         timeout=5,
         what="the gateway to see Redis gone",
     )
@@ -176,7 +176,7 @@ async def test_resubscribed_notice_precedes_the_new_epochs_first_frames(
             # Publish as fast as possible while the gateway resubscribes, so
             # messages follow the confirmation in the same read.
             async def flood() -> None:
-                while not gateway.gateway.hub.channels[b"burst"].live:
+                while not gateway.server.hub.channels[b"burst"].live:
                     await r.publish("burst", b"x")
                 for _ in range(50):
                     await r.publish("burst", b"x")

@@ -22,7 +22,8 @@ import redis.asyncio as aioredis
 
 from redis_ws_client.client import GatewayClient, HandshakeRefused, ServerError
 from redis_ws_client.sdk import ResilientClient
-from redis_ws_gateway import server as app_module
+from redis_ws_gateway.security.limits import TokenBucket
+from redis_ws_gateway.ws import admission as admission_module
 from tests.conftest import GatewayFactory
 from tests.support.cli import run_cli, run_client_cli
 from tests.support.gateway import RunningGateway, spawn_gateway, wait_ready
@@ -309,17 +310,19 @@ async def test_a_flood_of_refusals_is_logged_at_a_bounded_rate(
     gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = _Recorder()
-    monkeypatch.setattr(app_module, "log", recorder)
+    monkeypatch.setattr(admission_module, "log", recorder)
     started = time.monotonic()
     for _ in range(2000):
-        gateway.gateway._reject(401, "unauthorized", "invalid credential")
+        gateway.server.admission.reject(401, "unauthorized", "invalid credential")
     elapsed = time.monotonic() - started
     logged = [f for e, f in recorder.calls if e == "handshake_refused"]
-    allowed = app_module.REFUSAL_LOG_BURST + app_module.REFUSAL_LOG_PER_SECOND * elapsed + 1
+    allowed = (
+        admission_module.REFUSAL_LOG_BURST + admission_module.REFUSAL_LOG_PER_SECOND * elapsed + 1
+    )
     assert 1 <= len(logged) <= allowed
     # Nothing is lost without a trace: the next line that gets through counts the rest.
-    gateway.gateway._refusal_log = app_module.TokenBucket(1.0, 1)
-    gateway.gateway._reject(401, "unauthorized", "invalid credential")
+    gateway.server.admission.refusal_log = TokenBucket(1.0, 1)
+    gateway.server.admission.reject(401, "unauthorized", "invalid credential")
     assert recorder.calls[-1][1]["unlogged_since_last"] == 2000 - len(logged)
 
 

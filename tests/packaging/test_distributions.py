@@ -43,6 +43,13 @@ def test_the_gateway_wheel_carries_no_client_and_no_bench(
     assert tops == {"redis_ws_gateway"}, tops
     strays = [m for m in modules if any(w in m for w in ("bench", "recvloop", "client", "sdk"))]
     assert strays == []
+    # The console and client.js are package data, not modules: served from
+    # the installed package, they are missing unless package-data names them.
+    static = {
+        f"redis_ws_gateway/web/static/{name}"
+        for name in ("client.js", "console.html", "console.js", "console.css")
+    }
+    assert static <= set(wheel.namelist())
     metadata = wheel.read(
         next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
     ).decode()

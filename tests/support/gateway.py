@@ -9,7 +9,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
 from redis_ws_gateway.config import Settings
-from redis_ws_gateway.server import Gateway
+from redis_ws_gateway.server import Server
 
 from .redis_server import free_port
 from .wait import eventually
@@ -18,7 +18,7 @@ from .wait import eventually
 class RunningGateway:
     def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
-        self.gateway = Gateway(settings, tracer_provider)
+        self.server = Server(settings, tracer_provider)
         self.runner: web.AppRunner | None = None
 
     @property
@@ -30,18 +30,18 @@ class RunningGateway:
         return f"http://127.0.0.1:{self.settings.port}"
 
     async def start(self) -> RunningGateway:
-        await self.gateway.start()
-        self.runner = self.gateway.runner()
+        await self.server.start()
+        self.runner = self.server.runner()
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.settings.port)
         await site.start()
         return self
 
     async def stop(self) -> None:
-        self.gateway.draining = True
-        for session in list(self.gateway.sessions):
-            self.gateway.disconnect(session, 1000, "")
-        await self.gateway.stop()
+        self.server.drain_started.set()
+        for session in list(self.server.sessions):
+            self.server.ws.disconnect(session, 1000, "")
+        await self.server.stop()
         if self.runner is not None:
             await self.runner.cleanup()
 

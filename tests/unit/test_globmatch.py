@@ -15,9 +15,9 @@ from redis_ws_gateway.security.globmatch import (
     encode_name,
     glob_match,
     glob_match_bytes,
-    is_pattern,
     literal_prefix,
 )
+from redis_ws_wire import is_pattern
 
 STAR, QMARK, OPEN, CLOSE, CARET, DASH, BACKSLASH = b"*?[]^-\\"
 

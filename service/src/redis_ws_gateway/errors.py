@@ -1,12 +1,15 @@
 """What can go wrong because of a client, one class per protocol error code.
 
-Each class maps to exactly one ``code`` in the ``error`` frame; the table in
-docs/PROTOCOL.md lists them all.
+Each class maps to exactly one ``code`` in the ``error`` frame, taken from
+the wire module so the gateway and its clients cannot disagree on a name;
+the table in docs/PROTOCOL.md lists them all.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+from redis_ws_wire import ErrorCode
 
 
 class GatewayError(Exception):
@@ -21,43 +24,50 @@ class GatewayError(Exception):
 
 
 class BadJson(GatewayError):
-    code = "bad_json"
+    code = ErrorCode.BAD_JSON
 
 
 class BadField(GatewayError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class UnknownAction(GatewayError):
-    code = "unknown_action"
+    code = ErrorCode.UNKNOWN_ACTION
 
 
 class BadChannel(GatewayError):
-    code = "bad_channel"
+    code = ErrorCode.BAD_CHANNEL
 
 
 class TooManyChannels(GatewayError):
-    code = "too_many_channels"
+    code = ErrorCode.TOO_MANY_CHANNELS
 
 
 class TooManyWildcards(GatewayError):
-    code = "too_many_wildcards"
+    code = ErrorCode.TOO_MANY_WILDCARDS
 
 
 class NotSubscribed(GatewayError):
-    code = "not_subscribed"
+    code = ErrorCode.NOT_SUBSCRIBED
 
 
 class Forbidden(GatewayError):
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN
 
 
 class Unauthorized(GatewayError):
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
 
 
 class RateLimited(GatewayError):
-    code = "rate_limited"
+    code = ErrorCode.RATE_LIMITED
+
+
+class UpstreamUnavailable(GatewayError):
+    """Redis did not answer in time for a request that needs it now (a
+    durable channel's history); the client keeps the subscription and retries."""
+
+    code = ErrorCode.UPSTREAM_UNAVAILABLE
 
 
 ALL_ERRORS: tuple[type[GatewayError], ...] = (
@@ -71,4 +81,5 @@ ALL_ERRORS: tuple[type[GatewayError], ...] = (
     Forbidden,
     Unauthorized,
     RateLimited,
+    UpstreamUnavailable,
 )

@@ -94,10 +94,11 @@ HTTP_ERROR_CODES: Final = frozenset(
 
 class Close:
     """WebSocket close codes the gateway sends (1006 is what a peer sees
-    when no close frame came; it is never sent)."""
+    when no close frame came; it is never sent). A client's own close is
+    always answered with 1000, so 1001 (a browser leaving the page) is a
+    code the gateway receives, never one it sends."""
 
     NORMAL: Final = 1000
-    GOING_AWAY: Final = 1001
     PROTOCOL_ERROR: Final = 1002
     ABNORMAL: Final = 1006
     INVALID_DATA: Final = 1007
@@ -115,7 +116,6 @@ class Close:
 # close metric, and what clients log.
 CLOSE_NAMES: Final[dict[int, str]] = {
     Close.NORMAL: "normal",
-    Close.GOING_AWAY: "going_away",
     Close.PROTOCOL_ERROR: "protocol_error",
     Close.ABNORMAL: "abnormal",
     Close.INVALID_DATA: "invalid_data",
@@ -142,7 +142,11 @@ PATTERN_CHARS: Final = "*?["
 
 def is_pattern(name: str) -> bool:
     """True when the gateway treats ``name`` as a pattern (PSUBSCRIBE):
-    it contains ``*``, ``?`` or ``[`` anywhere, escaped or not."""
+    it contains ``*``, ``?`` or ``[`` anywhere, escaped or not.
+
+    Escaped metacharacters count too, so ``md:\\*`` is the pattern that
+    matches only the channel ``md:*`` (Redis's meaning of the escape) rather
+    than an exact channel whose name holds a backslash."""
     return any(c in name for c in PATTERN_CHARS)
 
 

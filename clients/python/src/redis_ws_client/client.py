@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal
 import aiohttp
 import orjson
 
+from redis_ws_wire import REFUSAL_HEADER, ErrorCode
+
 # --- exceptions ----------------------------------------------------------------
 
 
@@ -59,49 +61,49 @@ class ServerError(GatewayClientError):
 
 
 class BadJsonError(ServerError):
-    code_name = "bad_json"
+    code_name = ErrorCode.BAD_JSON
 
 
 class BadRequestError(ServerError):
-    code_name = "bad_request"
+    code_name = ErrorCode.BAD_REQUEST
 
 
 class UnknownActionError(ServerError):
-    code_name = "unknown_action"
+    code_name = ErrorCode.UNKNOWN_ACTION
 
 
 class BadChannelError(ServerError):
-    code_name = "bad_channel"
+    code_name = ErrorCode.BAD_CHANNEL
 
 
 class ForbiddenError(ServerError):
-    code_name = "forbidden"
+    code_name = ErrorCode.FORBIDDEN
 
 
 class TooManyChannelsError(ServerError):
-    code_name = "too_many_channels"
+    code_name = ErrorCode.TOO_MANY_CHANNELS
 
 
 class TooManyWildcardsError(ServerError):
-    code_name = "too_many_wildcards"
+    code_name = ErrorCode.TOO_MANY_WILDCARDS
 
 
 class NotSubscribedError(ServerError):
-    code_name = "not_subscribed"
+    code_name = ErrorCode.NOT_SUBSCRIBED
 
 
 class UnauthorizedError(ServerError):
-    code_name = "unauthorized"
+    code_name = ErrorCode.UNAUTHORIZED
 
 
 class RateLimitedError(ServerError):
-    code_name = "rate_limited"
+    code_name = ErrorCode.RATE_LIMITED
 
 
 class UpstreamUnavailableError(ServerError):
     """Redis could not be reached to serve a durable channel; retry later."""
 
-    code_name = "upstream_unavailable"
+    code_name = ErrorCode.UPSTREAM_UNAVAILABLE
 
 
 class ConnectionClosed(GatewayClientError):
@@ -272,7 +274,7 @@ class GatewayClient:
         except aiohttp.WSServerHandshakeError as exc:
             await self._session.close()
             got = exc.headers
-            reason = (got.get("X-Refusal-Reason") if got else None) or exc.message
+            reason = (got.get(REFUSAL_HEADER) if got else None) or exc.message
             raise HandshakeRefused(exc.status, reason) from exc
         except BaseException:
             await self._session.close()

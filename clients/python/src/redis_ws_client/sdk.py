@@ -69,6 +69,13 @@ from redis_ws_client.client import (
     UnknownActionError,
     UpstreamUnavailableError,
 )
+from redis_ws_wire import (
+    FATAL_CLOSE_CODES,
+    FROM_START,
+    TRANSIENT_ERROR_CODES,
+    Close,
+    is_pattern,
+)
 
 __all__ = [
     "BadChannelError",
@@ -103,15 +110,9 @@ __all__ = [
 
 log = logging.getLogger("redis_ws_client.sdk")
 
-CLOSE_SERVICE_RESTART: Final = 1012
-# Reconnecting cannot help: the client has to change (fewer connections for
-# this user, smaller frames).
-FATAL_CLOSE_CODES: Final = frozenset({1008, 1009})
-# Refusals that say "not now" rather than "never": the subscription is kept
-# and sent again after a backoff.
-TRANSIENT_CODES: Final = frozenset({"upstream_unavailable", "rate_limited"})
-# Offset that asks a durable channel for its whole history.
-FROM_START: Final = "0"
+# Earlier names of the wire module's values, kept for code that imports them.
+CLOSE_SERVICE_RESTART: Final = Close.SERVICE_RESTART
+TRANSIENT_CODES: Final = TRANSIENT_ERROR_CODES
 
 State = Literal["idle", "connecting", "open", "reconnecting", "closed"]
 TokenProvider = Callable[[], str | Awaitable[str | None] | None]
@@ -124,11 +125,6 @@ def backoff_delay(
     reconnects over the whole window keeps a restarted gateway from being hit
     by every client at the same instant."""
     return float(rand() * min(cap, base * 2 ** min(attempt, 30)))
-
-
-def is_pattern(name: str) -> bool:
-    """True when the gateway treats ``name`` as a PSUBSCRIBE pattern."""
-    return any(c in name for c in "*?[")
 
 
 def offset_key(offset: str) -> tuple[int, int] | None:

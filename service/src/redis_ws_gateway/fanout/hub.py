@@ -25,9 +25,10 @@ from redis_ws_gateway.config import ChannelPolicy, Policy
 from redis_ws_gateway.fanout import writer as fanout
 from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.observability.tracing import link_from_traceparent
-from redis_ws_gateway.security.globmatch import glob_match, is_pattern
+from redis_ws_gateway.security.globmatch import glob_match
 from redis_ws_gateway.upstream.pubsub import Kind, SubKind, Upstream
 from redis_ws_gateway.ws import protocol
+from redis_ws_wire import is_pattern
 
 if TYPE_CHECKING:
     from redis_ws_gateway.upstream.sharded import ShardedUpstream

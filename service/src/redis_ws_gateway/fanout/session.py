@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from redis_ws_gateway.config import Policy
 from redis_ws_gateway.ws.protocol import text_frame
+from redis_ws_wire import Close
 
 if TYPE_CHECKING:
     from redis_ws_gateway.fanout.hub import Topic
     from redis_ws_gateway.security.auth import Principal
 
-CLOSE_SLOW_CONSUMER = 4008
 # The most of a backlog written at once when a lagging client has room again.
 DRAIN_CHUNK_BYTES = 65_536
 
@@ -240,7 +240,7 @@ class Session:
         if self.lagging:
             self._append(next(_unique), frame, droppable=False)
             if self.backlog_bytes > self._limit:
-                self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound buffer full")
+                self.close(Close.SLOW_CONSUMER, "slow consumer: outbound buffer full")
             return
         self.frames_sent += 1
         self.write(frame)
@@ -305,7 +305,7 @@ class Session:
         if self.backlog_bytes <= self._limit:
             return
         if policy == "disconnect":
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound buffer full")
+            self.close(Close.SLOW_CONSUMER, "slow consumer: outbound buffer full")
             return
         self._drop_oldest()
 
@@ -325,7 +325,7 @@ class Session:
         if self.backlog_bytes > self._limit:
             # Only undroppable frames are left and they still do not fit: the
             # client cannot be served without losing something it must see.
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound buffer full")
+            self.close(Close.SLOW_CONSUMER, "slow consumer: outbound buffer full")
 
     def drain(self, now: float, grace: float) -> bool:
         """Called by the hub's drain loop. Returns True once caught up."""
@@ -337,7 +337,7 @@ class Session:
             return False
         if transport.get_write_buffer_size() > self.high_water // 2:
             if grace and now - self.lag_since > grace and self._holds_undroppable():
-                self.close(CLOSE_SLOW_CONSUMER, "slow consumer: lagging too long")
+                self.close(Close.SLOW_CONSUMER, "slow consumer: lagging too long")
                 return True
             return False
         budget = max(self.high_water, DRAIN_CHUNK_BYTES)

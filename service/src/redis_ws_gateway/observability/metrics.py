@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from prometheus_client.core import (
@@ -23,23 +23,21 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from redis_ws_wire import CLOSE_NAMES
+
 if TYPE_CHECKING:
-    from redis_ws_gateway.server import Gateway
+    from redis_ws_gateway.fanout.hub import Hub
+    from redis_ws_gateway.fanout.session import Session
+    from redis_ws_gateway.upstream.durable import Durable
+    from redis_ws_gateway.upstream.pubsub import Upstream
+    from redis_ws_gateway.upstream.sharded import ShardedUpstream
 
 PREFIX = "redis_ws_gateway"
 
-CLOSE_REASONS = {
-    1000: "normal",
-    1001: "going_away",
-    1006: "abnormal",
-    1008: "policy",
-    1009: "too_big",
-    1011: "server_error",
-    1012: "service_restart",
-    4001: "unauthorized",
-    4008: "slow_consumer",
-    4029: "rate_limited",
-}
+# The `reason` label of a closed connection: the close code's wire name.
+# A client's own close code is the one recorded, so 1001 (a browser leaving
+# the page), which the gateway never sends, has a label too.
+CLOSE_REASONS: dict[int, str] = {**CLOSE_NAMES, 1001: "going_away"}
 
 _BUFFER_BUCKETS = (0, 1024, 16_384, 65_536, 262_144, 1_048_576, 4_194_304)
 
@@ -77,6 +75,30 @@ class PlainHistogram:
         )
 
 
+class GatewayState(Protocol):
+    """What a scrape reads of the running gateway (server.Server). A
+    protocol rather than the class, so this module does not import the
+    server that imports it."""
+
+    @property
+    def sessions(self) -> Collection[Session]: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def hub(self) -> Hub: ...
+
+    @property
+    def upstream(self) -> Upstream: ...
+
+    @property
+    def sharded(self) -> ShardedUpstream | None: ...
+
+    @property
+    def durable(self) -> Durable: ...
+
+
 def close_reason(code: int | None) -> str:
     if code is None:
         return "abnormal"
@@ -84,7 +106,7 @@ def close_reason(code: int | None) -> str:
 
 
 class Metrics:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: GatewayState) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.opened = Counter(
@@ -128,7 +150,7 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+    def __init__(self, gateway: GatewayState, metrics: Metrics) -> None:
         self._gw = gateway
         self._m = metrics
 

@@ -60,11 +60,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
+from redis_ws_wire import PATTERN_CHARS
+
 __all__ = [
     "encode_name",
     "glob_match",
     "glob_match_bytes",
-    "is_pattern",
     "literal_prefix",
 ]
 
@@ -80,7 +81,7 @@ _ALL_BYTES: Final = frozenset(range(256))
 _SINGLE_BYTE: Final = tuple(frozenset((b,)) for b in range(256))
 # Redis returns "no match" when its recursion depth exceeds this many stars.
 _MAX_STAR_NESTING: Final = 1000
-_METACHARS: Final = frozenset("*?[")
+_METACHARS: Final = frozenset(PATTERN_CHARS)
 
 # A token is the set of bytes it accepts, or None for a star.
 _Token = frozenset[int] | None
@@ -252,17 +253,6 @@ def glob_match(pattern: str, name: str) -> bool:
     docstring.
     """
     return glob_match_bytes(encode_name(pattern), encode_name(name))
-
-
-def is_pattern(s: str) -> bool:
-    """True when ``s`` contains ``*``, ``?`` or ``[`` anywhere, escaped or not.
-
-    This decides PSUBSCRIBE versus SUBSCRIBE for a client's name. Escaped
-    metacharacters count too, so ``md:\\*`` is the pattern that matches only
-    the channel ``md:*`` (Redis's meaning of the escape) rather than an exact
-    channel whose name holds a backslash.
-    """
-    return any(ch in _METACHARS for ch in s)
 
 
 def literal_prefix(pattern: str) -> str:

@@ -43,7 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_ws_gateway.config import DurableRule, ExposedStream, Settings
-from redis_ws_gateway.errors import GatewayError
+from redis_ws_gateway.errors import UpstreamUnavailable
 from redis_ws_gateway.fanout.hub import Hub, Topic
 from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.security.globmatch import glob_match
@@ -67,10 +67,6 @@ _BLOCK_MS = 250
 # Consecutive failed XREADs of one reader group before the readers' client is
 # replaced by a fresh one (about 6 s with the default backoff).
 RENEW_READER_AFTER = 6
-
-
-class UpstreamUnavailable(GatewayError):
-    code = "upstream_unavailable"
 
 
 def parse_id(entry_id: bytes | str) -> tuple[int, int]:

@@ -316,6 +316,7 @@ class Upstream:
         on_state: Callable[[str], None] | None = None,
         locator: MasterLocator | None = None,
         sentinel_check: float = 1.0,
+        tracer: Tracer | None = None,
     ) -> None:
         address = RedisAddress.from_url(url)
         # A password from its own setting (a Kubernetes Secret) wins over the URL,
@@ -341,7 +342,7 @@ class Upstream:
         self._sentinel_check = sentinel_check
         self._connected_to: tuple[str, int] | None = None
         self._conn: PubSubProtocol | None = None
-        self.tracer: Tracer = trace.NoOpTracer()
+        self.tracer: Tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connected = asyncio.Event()

@@ -39,15 +39,10 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
 from redis_ws_gateway.security.limits import TokenBucket, WireBudget
+from redis_ws_wire import Close
 
 if TYPE_CHECKING:
     from redis_ws_gateway.fanout.session import Session
-
-CLOSE_NORMAL = 1000
-CLOSE_ABNORMAL = 1006  # never sent: the code a peer sees when no close frame came
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_SERVER_ERROR = 1011
 
 # After the close frame is written, a client gets this long to read what is
 # still queued for it. Then the socket is reset: a transport's close() waits
@@ -119,7 +114,7 @@ class Limits:
 
 
 class Owner(Protocol):
-    """What a connection asks of the gateway (app.Gateway)."""
+    """What a connection asks of the WebSocket handler (ws/handler.py)."""
 
     def frames_waiting(self, conn: WsConnection) -> None: ...
 
@@ -354,7 +349,7 @@ class WsConnection(asyncio.Protocol):
                 if parser.state in (ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED):
                     # The client's close: answered with 1000, as aiohttp did.
                     self.close_code = int(event.code)
-                    self._close(CLOSE_NORMAL, "")
+                    self._close(Close.NORMAL, "")
                 else:
                     # wsproto reports a protocol violation (bad frame, bad
                     # UTF-8: 1002, 1007) as a close it wants sent.
@@ -370,7 +365,7 @@ class WsConnection(asyncio.Protocol):
         if max_size and self.msg_size + _announced(parser) > max_size:
             # Refused on its header: waiting for a payload that may never
             # come (a header can declare 2**63 bytes) would hold the socket.
-            self._close(CLOSE_TOO_BIG, "")
+            self._close(Close.TOO_BIG, "")
             return
         if budget.spent(self.budget_tat, now):
             # The bytes of this read spent the budget: the next read waits.
@@ -419,7 +414,7 @@ class WsConnection(asyncio.Protocol):
         size = self.msg_size + n
         max_size = self.limits.max_size
         if max_size and size > max_size:
-            self._close(CLOSE_TOO_BIG, "")
+            self._close(Close.TOO_BIG, "")
             return False
         parts = self.msg_parts
         if not finished:
@@ -431,7 +426,7 @@ class WsConnection(asyncio.Protocol):
             # than counted so far.
             max_fragments = self.limits.max_fragments
             if max_fragments and self.msg_frames >= max_fragments:
-                self._close(CLOSE_POLICY, "too many fragments")
+                self._close(Close.POLICY, "too many fragments")
                 return False
             if parts is None:
                 self.msg_parts = parts = []
@@ -503,7 +498,7 @@ class WsConnection(asyncio.Protocol):
             if self.last_seen < self.ping_at:
                 # Nothing from the client for half an interval after a ping:
                 # dropped without a close frame (the client sees 1006).
-                self.abort(CLOSE_ABNORMAL)
+                self.abort(Close.ABNORMAL)
                 return
             self.ping_at = 0.0
         due = self.last_seen + interval
