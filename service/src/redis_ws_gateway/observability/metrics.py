@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from prometheus_client.core import (
@@ -24,7 +24,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from redis_ws_gateway.server import Gateway
+    from redis_ws_gateway.fanout.hub import Hub
+    from redis_ws_gateway.fanout.session import Session
+    from redis_ws_gateway.upstream.durable import Durable
+    from redis_ws_gateway.upstream.pubsub import Upstream
+    from redis_ws_gateway.upstream.sharded import ShardedUpstream
 
 PREFIX = "redis_ws_gateway"
 
@@ -83,8 +87,26 @@ def close_reason(code: int | None) -> str:
     return CLOSE_REASONS.get(code, "other")
 
 
+class Observed(Protocol):
+    """What a scrape reads (server.Gateway): the parts the gateway is built
+    from, never the gateway itself, which owns these metrics."""
+
+    @property
+    def sessions(self) -> Mapping[Session, object]: ...
+    @property
+    def hub(self) -> Hub: ...
+    @property
+    def upstream(self) -> Upstream: ...
+    @property
+    def durable(self) -> Durable: ...
+    @property
+    def sharded(self) -> ShardedUpstream | None: ...
+    @property
+    def draining(self) -> bool: ...
+
+
 class Metrics:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Observed) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.opened = Counter(
@@ -128,7 +150,7 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+    def __init__(self, gateway: Observed, metrics: Metrics) -> None:
         self._gw = gateway
         self._m = metrics
 
