@@ -24,7 +24,7 @@ import asyncio
 import bisect
 import random
 from collections.abc import Container, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import structlog
@@ -36,12 +36,25 @@ from redis_ws_gateway.config import Settings
 from redis_ws_gateway.upstream.pubsub import SubKind, Upstream
 from redis_ws_gateway.upstream.redis_conn import connection_kwargs, tls_context
 
-if TYPE_CHECKING:
-    from redis_ws_gateway.fanout.hub import Hub
-
 log = structlog.get_logger("redis_ws_gateway.upstream.sharded")
 
 Node = tuple[str, int]
+
+
+class ShardListener(Protocol):
+    """Who the sharded channels' messages and events go to (fanout.hub.Hub)."""
+
+    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None: ...
+    def on_batch_start(self, repeated: Container[bytes]) -> None: ...
+    def on_batch_end(self) -> None: ...
+    def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None: ...
+    def expect_confirmation(self, channel: bytes) -> None:
+        """``channel`` is being subscribed again: new subscribers wait for
+        its confirmation."""
+
+    def shard_channels_lost(self, names: Iterable[bytes]) -> None:
+        """Their subscription is gone until they are subscribed again."""
+
 
 # Errors that mean "this node does not serve that slot (now)": re-read the map.
 _ROUTING_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
@@ -148,7 +161,7 @@ class _Link:
 
 
 class ShardedUpstream:
-    def __init__(self, settings: Settings, hub: Hub) -> None:
+    def __init__(self, settings: Settings, hub: ShardListener) -> None:
         self.hub = hub
         self._settings = settings
         self._seeds: list[Node] = list(settings.redis_cluster_nodes)
