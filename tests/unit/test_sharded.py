@@ -1,5 +1,6 @@
-"""Pure logic of sharded pub/sub: the slot map merge and how the pub/sub
-protocol tells its own SUNSUBSCRIBE replies from the server's."""
+"""Pure logic of sharded pub/sub: the slot map merge, how the pub/sub
+protocol tells its own SUNSUBSCRIBE replies from the server's, and how the
+hub takes a read's replies from it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import hiredis
 
+from redis_ws_gateway.fanout.hub import EVERY_CHANNEL, Hub
 from redis_ws_gateway.upstream.pubsub import PubSubProtocol, SubKind
 from redis_ws_gateway.upstream.sharded import SlotMap
 
@@ -52,8 +54,13 @@ def test_slot_map_single_slots_and_holes() -> None:
     assert not SlotMap.from_views([{"a:1": _node("master", 1)}])
 
 
-class _Listener:
+class _Listener(Hub):
+    """The hub's handling of a read (on_read), recording what it routes."""
+
     def __init__(self) -> None:
+        super().__init__(
+            linger_seconds=1, policies=(), default_policy="drop-oldest", slow_consumer_grace=1
+        )
         self.confirmed: list[tuple[SubKind, bytes, str | None]] = []
         self.lost: list[bytes] = []
         self.messages: list[tuple[bytes, bytes]] = []
@@ -62,7 +69,7 @@ class _Listener:
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages.append((channel, payload))
 
-    def on_batch_start(self, repeated: Container[bytes]) -> None:
+    def on_batch_start(self, repeated: Container[bytes] = EVERY_CHANNEL) -> None:
         self.reads.append(set(repeated))
 
     def on_batch_end(self) -> None:
@@ -133,7 +140,7 @@ async def test_ssubscribe_per_slot_and_sunsubscribe_from_the_server() -> None:
     assert pong is not None and pong.result() == b"PONG"
 
 
-async def test_each_read_says_which_channels_it_carries_more_than_once() -> None:
+async def test_the_hub_finds_which_channels_a_read_carries_more_than_once() -> None:
     # The hub writes a channel's only message of a read at once and joins a
     # repeated channel's messages per client: it needs this before the first.
     listener = _Listener()

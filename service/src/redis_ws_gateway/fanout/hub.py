@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("redis_ws_gateway.fanout.hub")
 
 _POLICY_CACHE_MAX = 10_000
+# Pushed messages of an exact channel, classic and sharded (a pmessage is
+# routed by its pattern, never joined into a channel's run).
+_EXACT_MESSAGES = frozenset((b"message", b"smessage"))
 
 
 class _EveryChannel:
@@ -487,7 +490,49 @@ class Hub:
         if lost:
             log.warning("clients_notified_upstream_lost", sessions=len(lost))
 
+    def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None:
+        """The replies of one upstream read (UpstreamListener.on_read)."""
+        repeated: set[bytes] = set()
+        if len(replies) > 1:
+            # Which exact channels come more than once in the read, before
+            # the first is routed: a channel's only message of the read is
+            # written at once, a repeated channel's messages are joined
+            # into one write per client (a run).
+            seen: set[bytes] = set()
+            for reply in replies:
+                if type(reply) is list and len(reply) >= 3 and reply[0] in _EXACT_MESSAGES:
+                    name = reply[1]
+                    if name in seen:
+                        repeated.add(name)
+                    else:
+                        seen.add(name)
+        self.on_batch_start(repeated)
+        on_message = self.on_message
+        try:
+            for reply in replies:
+                # One reply that fails to route is a bug to log; the rest of
+                # the read, and the connection, go on.
+                try:
+                    if type(reply) is list and len(reply) >= 3:
+                        kind = reply[0]
+                        if kind == b"message" or kind == b"smessage":
+                            on_message(reply[1], None, reply[2])
+                            continue
+                        if kind == b"pmessage":
+                            on_message(reply[2], reply[1], reply[3])
+                            continue
+                    control(reply)
+                except Exception:
+                    log.exception("upstream_reply_not_routed")
+        finally:
+            try:
+                self.on_batch_end()
+            except Exception:
+                log.exception("upstream_batch_not_written")
+
     def on_batch_start(self, repeated: Container[bytes] = EVERY_CHANNEL) -> None:
+        """Before the messages of one read (or of one stream read) are
+        routed; ``repeated``: the exact channels with more than one of them."""
         self._batch_started = time.perf_counter()
         # A channel with one message in this read can have it written to
         # each direct session at once: there is nothing to join it with.

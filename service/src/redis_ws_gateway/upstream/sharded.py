@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -44,9 +44,7 @@ Node = tuple[str, int]
 class ShardListener(Protocol):
     """Who the sharded channels' messages and events go to (fanout.hub.Hub)."""
 
-    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None: ...
-    def on_batch_start(self, repeated: Container[bytes]) -> None: ...
-    def on_batch_end(self) -> None: ...
+    def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None: ...
     def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None: ...
     def expect_confirmation(self, channel: bytes) -> None:
         """``channel`` is being subscribed again: new subscribers wait for
@@ -133,15 +131,10 @@ class _Link:
         self.channels: set[bytes] = set()
         self.upstream = owner.make_upstream(node, self)
 
-    # UpstreamListener: messages go straight to the hub.
-    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
-        self.owner.hub.on_message(channel, pattern, payload)
-
-    def on_batch_start(self, repeated: Container[bytes]) -> None:
-        self.owner.hub.on_batch_start(repeated)
-
-    def on_batch_end(self) -> None:
-        self.owner.hub.on_batch_end()
+    # UpstreamListener: reads go straight to the hub, which hands the
+    # confirmations back (through the connection) to on_confirmed here.
+    def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None:
+        self.owner.hub.on_read(replies, control)
 
     def on_upstream_up(self) -> None:
         self.owner.link_up(self)
