@@ -47,6 +47,7 @@ from redis_ws_gateway.errors import (
 )
 from redis_ws_gateway.fanout.hub import Hub
 from redis_ws_gateway.fanout.session import Session
+from redis_ws_gateway.fanout.writer import socket_fd
 from redis_ws_gateway.observability.metrics import Metrics, close_reason
 from redis_ws_gateway.observability.tracing import (
     context_from_headers,
@@ -305,10 +306,8 @@ class Gateway:
             on_lagging=self.hub.mark_lagging,
             close=self._close_session,
             # Client sockets are plain TCP (TLS ends at the ingress), so
-            # frames may go to the descriptor itself (session.py).
-            fd=sock.fileno()
-            if sock is not None and transport.get_extra_info("sslcontext") is None
-            else -1,
+            # frames may go to the descriptor itself (fanout/writer.py).
+            fd=socket_fd(transport),
         )
         conn = WsConnection(
             self,
