@@ -156,3 +156,43 @@ async def test_the_hub_finds_which_channels_a_read_carries_more_than_once() -> N
     proto.data_received(_resp(b"message", b"x", b"6") + _resp(b"message", b"y", b"7"))
     assert listener.reads == [set(), {b"x"}, set()]
     assert [p for _, p in listener.messages] == [b"1", b"2", b"3", b"4", b"5", b"6", b"7"]
+
+
+class _OneByOne:
+    """A listener with no on_read (the bench's floor): messages one by one."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def on_batch_start(self, repeated: Container[bytes]) -> None:
+        self.events.append("start")
+
+    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
+        self.events.append((channel, pattern, payload))
+
+    def on_batch_end(self) -> None:
+        self.events.append("end")
+
+    def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None:
+        self.events.append((kind, name, error))
+
+
+async def test_a_listener_that_takes_messages_one_by_one_gets_each_read_in_order() -> None:
+    listener = _OneByOne()
+    proto = PubSubProtocol(listener)  # type: ignore[arg-type]
+    proto.connection_made(_Transport())  # type: ignore[arg-type]
+    proto.send(b"SUBSCRIBE", b"x", kind="channel", names=(b"x",), want_reply=False)
+    proto.data_received(
+        _resp(b"message", b"y", b"0")
+        + _resp(b"subscribe", b"x", 1)
+        + _resp(b"message", b"x", b"1")
+        + _resp(b"pmessage", b"x*", b"x", b"2")
+    )
+    assert listener.events == [
+        "start",
+        (b"y", None, b"0"),
+        ("channel", b"x", None),
+        (b"x", None, b"1"),
+        (b"x", b"x*", b"2"),
+        "end",
+    ]

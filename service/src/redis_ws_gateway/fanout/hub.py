@@ -27,7 +27,7 @@ from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.fanout.writer import Recipients
 from redis_ws_gateway.observability.tracing import link_from_traceparent
 from redis_ws_gateway.security.globmatch import glob_match, is_pattern
-from redis_ws_gateway.upstream.pubsub import Kind, SubKind, Upstream
+from redis_ws_gateway.upstream.pubsub import EXACT_MESSAGES, Kind, SubKind, Upstream, route
 from redis_ws_gateway.ws import protocol
 
 if TYPE_CHECKING:
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("redis_ws_gateway.fanout.hub")
 
 _POLICY_CACHE_MAX = 10_000
-# Pushed messages of an exact channel, classic and sharded (a pmessage is
-# routed by its pattern, never joined into a channel's run).
-_EXACT_MESSAGES = frozenset((b"message", b"smessage"))
 
 
 class _EveryChannel:
@@ -442,30 +439,15 @@ class Hub:
             # into one write per client (a run).
             seen: set[bytes] = set()
             for reply in replies:
-                if type(reply) is list and len(reply) >= 3 and reply[0] in _EXACT_MESSAGES:
+                if type(reply) is list and len(reply) >= 3 and reply[0] in EXACT_MESSAGES:
                     name = reply[1]
                     if name in seen:
                         repeated.add(name)
                     else:
                         seen.add(name)
         self.on_batch_start(repeated)
-        on_message = self.on_message
         try:
-            for reply in replies:
-                # One reply that fails to route is a bug to log; the rest of
-                # the read, and the connection, go on.
-                try:
-                    if type(reply) is list and len(reply) >= 3:
-                        kind = reply[0]
-                        if kind == b"message" or kind == b"smessage":
-                            on_message(reply[1], None, reply[2])
-                            continue
-                        if kind == b"pmessage":
-                            on_message(reply[2], reply[1], reply[3])
-                            continue
-                    control(reply)
-                except Exception:
-                    log.exception("upstream_reply_not_routed")
+            route(replies, self.on_message, control)
         finally:
             try:
                 self.on_batch_end()

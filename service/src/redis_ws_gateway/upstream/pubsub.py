@@ -43,6 +43,9 @@ _SUB_CMD: dict[SubKind, bytes] = {
     "shard": b"SSUBSCRIBE",
 }
 _CONFIRMED_VERBS = frozenset(_SUB_CMD.values())
+# Pushed messages of an exact channel, classic and sharded (a pmessage's
+# channel is routed by its pattern).
+EXACT_MESSAGES = frozenset((b"message", b"smessage"))
 _UNSUB_CMD: dict[SubKind, bytes] = {
     "channel": b"UNSUBSCRIBE",
     "pattern": b"PUNSUBSCRIBE",
@@ -53,18 +56,56 @@ _UNSUB_CMD: dict[SubKind, bytes] = {
 class UpstreamListener(Protocol):
     def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None:
         """The replies of one socket read, in order, each parsed once by
-        hiredis. The pushed messages (``message``, ``pmessage``,
-        ``smessage``) are the listener's; it hands every other reply back
-        through ``control`` in its place, so a confirmation takes effect
-        before the messages that follow it. An exception out of here is
-        logged, never raised into the event loop (which would drop the
-        connection)."""
+        hiredis. The pushed messages are the listener's (``route`` hands
+        them over); it hands every other reply back through ``control`` in
+        its place, so a confirmation takes effect before the messages that
+        follow it. An exception out of here is logged, never raised into
+        the event loop (which would drop the connection)."""
 
     def on_upstream_up(self) -> None: ...
     def on_upstream_down(self) -> None: ...
     def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None: ...
     def on_shard_lost(self, name: bytes) -> None:
         """The server dropped a sharded subscription (its slot moved away)."""
+
+
+OnMessage = Callable[[bytes, bytes | None, bytes], None]
+
+
+def route(replies: list[Any], on_message: OnMessage, control: Callable[[Any], None]) -> None:
+    """Each reply of a read, in order: a pushed message to ``on_message``
+    (channel, pattern or None, payload), any other reply to ``control``."""
+    for reply in replies:
+        # A failure to route one reply is a bug to log, never a reason to
+        # drop the rest of the read or the connection.
+        try:
+            if type(reply) is list and len(reply) >= 3:
+                kind = reply[0]
+                if kind in EXACT_MESSAGES:
+                    on_message(reply[1], None, reply[2])
+                    continue
+                if kind == b"pmessage":
+                    on_message(reply[2], reply[1], reply[3])
+                    continue
+            control(reply)
+        except Exception:
+            log.exception("upstream_reply_not_routed")
+
+
+def _one_by_one(listener: Any) -> Callable[[list[Any], Callable[[Any], None]], None]:
+    """``on_read`` for a listener that takes a read's messages one by one,
+    between ``on_batch_start`` and ``on_batch_end``, with no plan over the
+    read (the bench's floor)."""
+    on_message: OnMessage = listener.on_message
+
+    def on_read(replies: list[Any], control: Callable[[Any], None]) -> None:
+        listener.on_batch_start(frozenset())
+        try:
+            route(replies, on_message, control)
+        finally:
+            listener.on_batch_end()
+
+    return on_read
 
 
 class UpstreamError(Exception):
@@ -137,6 +178,8 @@ class PubSubProtocol(asyncio.Protocol):
 
     def __init__(self, listener: UpstreamListener) -> None:
         self._listener = listener
+        on_read = getattr(listener, "on_read", None)
+        self._on_read = on_read if on_read is not None else _one_by_one(listener)
         self._reader = hiredis.Reader()
         self._expect: deque[_Expect] = deque()
         self.transport: asyncio.Transport | None = None
@@ -173,7 +216,7 @@ class PubSubProtocol(asyncio.Protocol):
         if not replies:
             return
         try:
-            self._listener.on_read(replies, self.on_control)
+            self._on_read(replies, self.on_control)
         except Exception:
             # Never out of data_received: uvloop would close the connection
             # every client depends on.
