@@ -1,5 +1,6 @@
-"""Pure logic of sharded pub/sub: the slot map merge and how the pub/sub
-protocol tells its own SUNSUBSCRIBE replies from the server's."""
+"""Pure logic of sharded pub/sub: the slot map merge, how the pub/sub
+protocol tells its own SUNSUBSCRIBE replies from the server's, and how the
+hub takes a read's replies from it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import hiredis
 
+from redis_ws_gateway.fanout.hub import EVERY_CHANNEL, Hub
 from redis_ws_gateway.upstream.pubsub import PubSubProtocol, SubKind
 from redis_ws_gateway.upstream.sharded import SlotMap
 
@@ -52,8 +54,13 @@ def test_slot_map_single_slots_and_holes() -> None:
     assert not SlotMap.from_views([{"a:1": _node("master", 1)}])
 
 
-class _Listener:
+class _Listener(Hub):
+    """The hub's handling of a read (on_read), recording what it routes."""
+
     def __init__(self) -> None:
+        super().__init__(
+            linger_seconds=1, policies=(), default_policy="drop-oldest", slow_consumer_grace=1
+        )
         self.confirmed: list[tuple[SubKind, bytes, str | None]] = []
         self.lost: list[bytes] = []
         self.messages: list[tuple[bytes, bytes]] = []
@@ -62,7 +69,7 @@ class _Listener:
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages.append((channel, payload))
 
-    def on_batch_start(self, repeated: Container[bytes]) -> None:
+    def on_batch_start(self, repeated: Container[bytes] = EVERY_CHANNEL) -> None:
         self.reads.append(set(repeated))
 
     def on_batch_end(self) -> None:
@@ -133,7 +140,7 @@ async def test_ssubscribe_per_slot_and_sunsubscribe_from_the_server() -> None:
     assert pong is not None and pong.result() == b"PONG"
 
 
-async def test_each_read_says_which_channels_it_carries_more_than_once() -> None:
+async def test_the_hub_finds_which_channels_a_read_carries_more_than_once() -> None:
     # The hub writes a channel's only message of a read at once and joins a
     # repeated channel's messages per client: it needs this before the first.
     listener = _Listener()
@@ -149,3 +156,43 @@ async def test_each_read_says_which_channels_it_carries_more_than_once() -> None
     proto.data_received(_resp(b"message", b"x", b"6") + _resp(b"message", b"y", b"7"))
     assert listener.reads == [set(), {b"x"}, set()]
     assert [p for _, p in listener.messages] == [b"1", b"2", b"3", b"4", b"5", b"6", b"7"]
+
+
+class _OneByOne:
+    """A listener with no on_read (the bench's floor): messages one by one."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def on_batch_start(self, repeated: Container[bytes]) -> None:
+        self.events.append("start")
+
+    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
+        self.events.append((channel, pattern, payload))
+
+    def on_batch_end(self) -> None:
+        self.events.append("end")
+
+    def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None:
+        self.events.append((kind, name, error))
+
+
+async def test_a_listener_that_takes_messages_one_by_one_gets_each_read_in_order() -> None:
+    listener = _OneByOne()
+    proto = PubSubProtocol(listener)  # type: ignore[arg-type]
+    proto.connection_made(_Transport())  # type: ignore[arg-type]
+    proto.send(b"SUBSCRIBE", b"x", kind="channel", names=(b"x",), want_reply=False)
+    proto.data_received(
+        _resp(b"message", b"y", b"0")
+        + _resp(b"subscribe", b"x", 1)
+        + _resp(b"message", b"x", b"1")
+        + _resp(b"pmessage", b"x*", b"x", b"2")
+    )
+    assert listener.events == [
+        "start",
+        (b"y", None, b"0"),
+        ("channel", b"x", None),
+        (b"x", None, b"1"),
+        (b"x", b"x*", b"2"),
+        "end",
+    ]

@@ -1,13 +1,14 @@
 /* The fan-out write loop in C: one frame to many client sockets.
  *
- * The hub decides in Python which sessions may be written directly (see
- * Hub.on_message and docs/ARCHITECTURE.md, "The data path"); this writes
+ * Which sessions are written directly is decided in Python (session.py,
+ * kept per topic by writer.Recipients; docs/ARCHITECTURE.md, "The data
+ * path"), and writer.py is the only importer of this module; this writes
  * the frame to each of their descriptors and reports the ones the kernel
  * did not take whole. Given the sessions' transports as well, it first asks
  * each transport is_closing() and skips the ones that are: uvloop closes a
  * transport's descriptor on its own when a read fails and tells the
  * protocol a loop iteration later, and by then the number may belong to a
- * newer connection (session.py). Asked here, the check costs a method call
+ * newer connection (writer.py). Asked here, the check costs a method call
  * instead of a Python loop over the recipients. In W4's shape the gateway with this loop cost 2-6%
  * less per delivery than with the same loop in Python, and a forwarder that
  * does nothing else 0.1-1.5 us less (alternating rounds of 2026-11-26/27,

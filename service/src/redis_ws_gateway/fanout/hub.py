@@ -22,11 +22,12 @@ import structlog
 from opentelemetry.trace import Tracer
 
 from redis_ws_gateway.config import ChannelPolicy, Policy
-from redis_ws_gateway.fanout import writer as fanout
+from redis_ws_gateway.fanout import writer
 from redis_ws_gateway.fanout.session import Session
+from redis_ws_gateway.fanout.writer import Recipients
 from redis_ws_gateway.observability.tracing import link_from_traceparent
 from redis_ws_gateway.security.globmatch import glob_match
-from redis_ws_gateway.upstream.pubsub import Kind, SubKind, Upstream
+from redis_ws_gateway.upstream.pubsub import EXACT_MESSAGES, Kind, SubKind, Upstream, route
 from redis_ws_gateway.ws import protocol
 from redis_ws_wire import is_pattern
 
@@ -49,32 +50,26 @@ class _EveryChannel:
 EVERY_CHANNEL: Container[bytes] = _EveryChannel()
 
 
-class Topic:
+class Topic(Recipients[Session]):
     __slots__ = (
         "cursor",
-        "direct",
         "durable",
         "epoch",
-        "fds",
-        "indirect",
         "kind",
         "lingering",
         "live",
-        "members",
         "name",
         "needs_notice",
         "prefix",
         "ready",
-        "sent_bytes",
-        "sent_frames",
         "seq",
         "sessions",
         "sharded",
-        "transports",
         "waiters",
     )
 
     def __init__(self, kind: Kind, name: str) -> None:
+        super().__init__()
         self.kind: Kind = kind
         self.name = name
         self.sessions: dict[Session, None] = {}
@@ -92,80 +87,17 @@ class Topic:
         self.sharded = False
         # The data-frame prefix of an exact channel never changes: encode once.
         self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
-        # The subscribers split by Session.direct: a message no subscriber
-        # needs held back goes to every direct one in a single write_each
-        # call over ``fds``, with no Python per recipient. ``direct`` maps
-        # each to (sent_frames, sent_bytes) when it joined: the frames and
-        # bytes of those calls are counted here, once per message, and
-        # settled into the session when it leaves (Session.sent()).
-        self.direct: dict[Session, tuple[int, int]] = {}
-        self.indirect: dict[Session, None] = {}
-        self.sent_frames = 0
-        self.sent_bytes = 0
-        # Built from ``direct`` when first needed after it changed.
-        self.fds: list[int] | None = None
-        self.members: list[Session] = []
-        self.transports: list[asyncio.Transport] = []
 
     def join(self, session: Session) -> None:
         if session in self.sessions:
             return  # a second join must not restart its counters
         self.sessions[session] = None
-        if session.direct:
-            self.direct[session] = (self.sent_frames, self.sent_bytes)
-            self._stale()
-        else:
-            self.indirect[session] = None
+        self.add(session)
 
     def leave(self, session: Session) -> None:
         if session in self.sessions:
             del self.sessions[session]
-            self._settle(session, self.direct.pop(session, None))
-            self.indirect.pop(session, None)
-
-    def set_direct(self, session: Session, on: bool) -> None:
-        """``session.direct`` changed: move it to the other side."""
-        if session not in self.sessions:
-            return
-        if on:
-            self.indirect.pop(session, None)
-            if session not in self.direct:
-                self.direct[session] = (self.sent_frames, self.sent_bytes)
-                self._stale()
-        else:
-            self._settle(session, self.direct.pop(session, None))
-            self.indirect[session] = None
-
-    def _settle(self, session: Session, base: tuple[int, int] | None) -> None:
-        if base is not None:
-            session.frames_sent += self.sent_frames - base[0]
-            session.bytes_sent += self.sent_bytes - base[1]
-            self._stale()
-
-    def _stale(self) -> None:
-        # The lists go too: they must not keep closed sessions and their
-        # transports alive until the topic's next message.
-        self.fds = None
-        self.members = []
-        self.transports = []
-
-    def unsettled(self, session: Session) -> tuple[int, int]:
-        """Frames and bytes written to ``session`` by this topic's
-        write_each calls and not yet in its own counters."""
-        base = self.direct.get(session)
-        if base is None:
-            return 0, 0
-        return self.sent_frames - base[0], self.sent_bytes - base[1]
-
-    def targets(self) -> list[int]:
-        """The direct subscribers' descriptors (``members`` and their
-        ``transports`` in the same order)."""
-        fds = self.fds
-        if fds is None:
-            self.members = members = list(self.direct)
-            self.transports = [s.transport for s in members]
-            self.fds = fds = [s.fd for s in members]
-        return fds
+            self.remove(session)
 
     def describe(self, with_state: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {self.kind: self.name}
@@ -188,7 +120,7 @@ class Hub:
     ) -> None:
         # The direct writes' loop: C (the _fanout extension) unless it was
         # not built or the NATIVE_WRITES setting turns it off.
-        self.write_each = fanout.select(native_writes)
+        self.write_each = writer.select(native_writes)
         self.upstream: Upstream | None = None
         self.sharded: ShardedUpstream | None = None
         self.sharded_patterns: tuple[str, ...] = ()
@@ -288,9 +220,18 @@ class Hub:
             self._attach(session, topic)
             if not topic.live:
                 topic.needs_notice = True
-        for kind, name in keys:
-            out.append(session.subscriptions[(kind, name)].describe())
+        for key in keys:
+            held = self._subscribed(session, key)
+            if held is not None:
+                out.append(held.describe())
         return out
+
+    @staticmethod
+    def _subscribed(session: Session, key: tuple[str, str]) -> Topic | None:
+        # The session keeps its topics as what it asks of them (Recipients);
+        # the hub is the one that puts them there, always as Topics.
+        topic = session.subscriptions.get(key)
+        return topic if isinstance(topic, Topic) else None
 
     def _get_or_create(self, kind: Kind, name: str) -> Topic:
         table = self._table(kind)
@@ -374,9 +315,10 @@ class Hub:
         keys = list(session.subscriptions) if names is None else [self.topic_key(n) for n in names]
         removed: list[str] = []
         for key in keys:
-            topic = session.subscriptions.pop(key, None)
+            topic = self._subscribed(session, key)
             if topic is None:
                 continue
+            del session.subscriptions[key]
             if topic.kind == "pattern":
                 session.wildcards -= 1
             topic.leave(session)
@@ -488,7 +430,34 @@ class Hub:
         if lost:
             log.warning("clients_notified_upstream_lost", sessions=len(lost))
 
+    def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None:
+        """The replies of one upstream read (UpstreamListener.on_read)."""
+        repeated: set[bytes] = set()
+        if len(replies) > 1:
+            # Which exact channels come more than once in the read, before
+            # the first is routed: a channel's only message of the read is
+            # written at once, a repeated channel's messages are joined
+            # into one write per client (a run).
+            seen: set[bytes] = set()
+            for reply in replies:
+                if type(reply) is list and len(reply) >= 3 and reply[0] in EXACT_MESSAGES:
+                    name = reply[1]
+                    if name in seen:
+                        repeated.add(name)
+                    else:
+                        seen.add(name)
+        self.on_batch_start(repeated)
+        try:
+            route(replies, self.on_message, control)
+        finally:
+            try:
+                self.on_batch_end()
+            except Exception:
+                log.exception("upstream_batch_not_written")
+
     def on_batch_start(self, repeated: Container[bytes] = EVERY_CHANNEL) -> None:
+        """Before the messages of one read (or of one stream read) are
+        routed; ``repeated``: the exact channels with more than one of them."""
         self._batch_started = time.perf_counter()
         # A channel with one message in this read can have it written to
         # each direct session at once: there is nothing to join it with.
@@ -497,7 +466,7 @@ class Hub:
     @property
     def fanout_native(self) -> bool:
         """Whether direct writes run the C loop (for the log and /metrics)."""
-        return self.write_each is not fanout.write_each_py
+        return self.write_each is not writer.write_each_py
 
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1
@@ -539,8 +508,8 @@ class Hub:
                 # No subscriber holds a frame routed earlier in this read
                 # and no later message of the read joins this one: every
                 # direct subscriber gets it now, from one write_each call,
-                # with no Python per recipient (Topic.direct).
-                self._write_topic(topic, frame, (frame,), key, policy)
+                # with no Python per recipient (writer.Recipients).
+                topic.write(self.write_each, frame, (frame,), key, policy)
             else:
                 # Some session holds a frame routed earlier in this read:
                 # this one goes behind it, into every subscriber's batch.
@@ -574,35 +543,6 @@ class Hub:
             attrs["redis_ws_gateway.pattern"] = pattern.decode("utf-8", "replace")
         self.tracer.start_span("deliver", links=[link], attributes=attrs).end()
 
-    def _write_topic(
-        self,
-        topic: Topic,
-        data: bytes,
-        frames: Sequence[bytes],
-        key: tuple[Topic, bytes],
-        policy: Policy,
-    ) -> None:
-        """``data`` (``frames`` joined) to every direct subscriber of
-        ``topic`` in one write_each call; then each frame to the others
-        through deliver(), after the writes, so that a lagging client's
-        backlog work (conflation, limits) never delays those that keep up."""
-        fds = topic.targets()
-        # Taken before the writes: a subscriber whose write fails moves to
-        # ``indirect`` with its frames already handled.
-        others = list(topic.indirect) if topic.indirect else None
-        topic.sent_frames += len(frames)
-        topic.sent_bytes += len(data)
-        if fds:
-            failed = self.write_each(data, fds, topic.transports)
-            if failed is not None:
-                members = topic.members
-                for i, done in failed:
-                    members[i].direct_failed(data, done)
-        if others is not None:
-            for session in others:
-                for frame in frames:
-                    session.deliver(frame, key, policy)
-
     def _end_run(self, write: bool) -> None:
         """The run's frames to its topic's subscribers. ``write`` (the end of
         the read, with no session holding a frame from earlier in it): joined
@@ -617,7 +557,7 @@ class Hub:
         policy = self.policy_for(self._run_channel)
         if write:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-            self._write_topic(topic, data, frames, key, policy)
+            topic.write(self.write_each, data, frames, key, policy)
         else:
             self._to_batches(topic, frames, key, policy)
 

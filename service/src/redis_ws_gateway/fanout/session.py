@@ -1,12 +1,11 @@
 """One client connection: its subscriptions and its bounded outbound buffer.
 
 While the transport holds nothing for the client, the session is *direct*:
-frames go to the socket with one ``os.write`` each, past uvloop's transport
-(whose write costs as much again as the gateway's own Python per delivery in
-the W1 benchmark). The first write the kernel does not take whole hands its
-rest to the transport, and from then on every write goes through the
-transport, in order, until a write finds the transport's buffer empty again.
-Frames routed in one upstream read are joined into one write.
+frames go to the socket itself, past uvloop's transport (writer.py). The
+first write the kernel does not take whole hands its rest to the transport,
+and from then on every write goes through the transport, in order, until a
+write finds the transport's buffer empty again. Frames routed in one
+upstream read are joined into one write.
 
 Once the transport's own buffer passes the high-water mark (the transport
 calls the connection's pause_writing()), the session is *lagging*: new frames
@@ -15,30 +14,28 @@ go to a backlog bounded in bytes where each channel's policy applies
 transport has room again (resume_writing(), with the hub's drain loop as the
 fallback).
 
-A direct write must never reach a file descriptor the transport has closed
-(the number may already belong to a newer connection), so every direct write
-is preceded by a ``transport.is_closing()`` check: uvloop closes the
-descriptor only after marking the transport closing, and may do so on its
-own (a failed read) a loop iteration before the protocol hears of it. For a
-topic's direct subscribers the check runs in the C write loop (fanout.py).
+The writes past the transport, and the guard that keeps them off a
+descriptor the transport may have closed, are writer.py's; this module
+decides when a client is direct. Each topic the session is subscribed to is
+kept as its ``Recipients`` (writer.py): the side of the topic that says
+which of its subscribers are written directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis_ws_gateway.config import Policy
+from redis_ws_gateway.fanout.writer import Recipients, write_one
 from redis_ws_gateway.ws.protocol import text_frame
 from redis_ws_wire import Close
 
 if TYPE_CHECKING:
-    from redis_ws_gateway.fanout.hub import Topic
     from redis_ws_gateway.security.auth import Principal
 
 # The most of a backlog written at once when a lagging client has room again.
@@ -98,7 +95,7 @@ class Session:
         self.direct = False
         self.principal = principal
         self.remote = remote
-        self.subscriptions: dict[tuple[str, str], Topic] = {}
+        self.subscriptions: dict[tuple[str, str], Recipients[Session]] = {}
         self.wildcards = 0
         self.batch: list[bytes] = []
         self.backlog: OrderedDict[Any, tuple[bytes, bool]] = OrderedDict()
@@ -141,20 +138,18 @@ class Session:
 
     def write(self, data: bytes) -> None:
         """Bytes for the client, in order: directly or through the transport."""
-        transport = self.transport
-        if self.closing or transport.is_closing():
+        if self.closing:
             return
-        self.bytes_sent += len(data)
         if self.direct:
-            try:
-                done = os.write(self.fd, data)
-            except (BlockingIOError, InterruptedError):
-                done = 0
-            except OSError:
-                done = -1
+            done = write_one(self.fd, self.transport, data)
             if done != len(data):
                 self.direct_failed(data, done)
+            if done >= 0:
+                self.bytes_sent += len(data)
             return
+        if self.transport.is_closing():
+            return
+        self.bytes_sent += len(data)
         # Over the high-water mark the transport calls pause_writing() inside
         # write(), and the connection makes the session lag (connection.py).
         self._transport_write(data)

@@ -6,9 +6,10 @@ machine class, every message wakes a task, and its own
 reconnect re-subscribes silently, which would hide exactly the moment clients
 must be told that they may have missed messages. This module keeps the
 connection as an asyncio Protocol: hiredis parses the replies and packs the
-commands; messages are handed to the listener synchronously inside
-``data_received``, so every message read in one socket read is routed before
-the loop runs anything else, and the listener can coalesce writes per client.
+commands; the replies of one socket read are handed to the listener together,
+synchronously inside ``data_received``, so every message of the read is
+routed before the loop runs anything else, and the listener can coalesce
+writes per client.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 from urllib.parse import unquote, urlparse
@@ -42,8 +43,9 @@ _SUB_CMD: dict[SubKind, bytes] = {
     "shard": b"SSUBSCRIBE",
 }
 _CONFIRMED_VERBS = frozenset(_SUB_CMD.values())
-# Exact-channel messages (a pmessage's channel is routed by its pattern).
-_MESSAGE_KINDS = frozenset((b"message", b"smessage"))
+# Pushed messages of an exact channel, classic and sharded (a pmessage's
+# channel is routed by its pattern).
+EXACT_MESSAGES = frozenset((b"message", b"smessage"))
 _UNSUB_CMD: dict[SubKind, bytes] = {
     "channel": b"UNSUBSCRIBE",
     "pattern": b"PUNSUBSCRIBE",
@@ -52,17 +54,58 @@ _UNSUB_CMD: dict[SubKind, bytes] = {
 
 
 class UpstreamListener(Protocol):
-    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None: ...
-    def on_batch_start(self, repeated: Container[bytes]) -> None:
-        """Before the replies of one read are handed over; ``repeated``: the
-        channels with more than one message (smessage too) among them."""
+    def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None:
+        """The replies of one socket read, in order, each parsed once by
+        hiredis. The pushed messages are the listener's (``route`` hands
+        them over); it hands every other reply back through ``control`` in
+        its place, so a confirmation takes effect before the messages that
+        follow it. An exception out of here is logged, never raised into
+        the event loop (which would drop the connection)."""
 
-    def on_batch_end(self) -> None: ...
     def on_upstream_up(self) -> None: ...
     def on_upstream_down(self) -> None: ...
     def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None: ...
     def on_shard_lost(self, name: bytes) -> None:
         """The server dropped a sharded subscription (its slot moved away)."""
+
+
+OnMessage = Callable[[bytes, bytes | None, bytes], None]
+
+
+def route(replies: list[Any], on_message: OnMessage, control: Callable[[Any], None]) -> None:
+    """Each reply of a read, in order: a pushed message to ``on_message``
+    (channel, pattern or None, payload), any other reply to ``control``."""
+    for reply in replies:
+        # A failure to route one reply is a bug to log, never a reason to
+        # drop the rest of the read or the connection.
+        try:
+            if type(reply) is list and len(reply) >= 3:
+                kind = reply[0]
+                if kind in EXACT_MESSAGES:
+                    on_message(reply[1], None, reply[2])
+                    continue
+                if kind == b"pmessage":
+                    on_message(reply[2], reply[1], reply[3])
+                    continue
+            control(reply)
+        except Exception:
+            log.exception("upstream_reply_not_routed")
+
+
+def _one_by_one(listener: Any) -> Callable[[list[Any], Callable[[Any], None]], None]:
+    """``on_read`` for a listener that takes a read's messages one by one,
+    between ``on_batch_start`` and ``on_batch_end``, with no plan over the
+    read (the bench's floor)."""
+    on_message: OnMessage = listener.on_message
+
+    def on_read(replies: list[Any], control: Callable[[Any], None]) -> None:
+        listener.on_batch_start(frozenset())
+        try:
+            route(replies, on_message, control)
+        finally:
+            listener.on_batch_end()
+
+    return on_read
 
 
 class UpstreamError(Exception):
@@ -135,6 +178,8 @@ class PubSubProtocol(asyncio.Protocol):
 
     def __init__(self, listener: UpstreamListener) -> None:
         self._listener = listener
+        on_read = getattr(listener, "on_read", None)
+        self._on_read = on_read if on_read is not None else _one_by_one(listener)
         self._reader = hiredis.Reader()
         self._expect: deque[_Expect] = deque()
         self.transport: asyncio.Transport | None = None
@@ -160,7 +205,6 @@ class PubSubProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         reader.feed(data)
-        listener = self._listener
         replies = []
         try:
             while (reply := reader.gets()) is not False:
@@ -169,48 +213,22 @@ class PubSubProtocol(asyncio.Protocol):
             log.error("upstream_protocol_error", error=str(exc))
             if self.transport is not None:
                 self.transport.abort()
-        # Which channels come more than once in this read, first: the
-        # listener writes a channel's only message of the read at once, and
-        # joins a repeated channel's messages into one write per client.
-        repeated: set[bytes] = set()
-        if len(replies) > 1:
-            seen: set[bytes] = set()
-            for reply in replies:
-                if type(reply) is list and len(reply) >= 3 and reply[0] in _MESSAGE_KINDS:
-                    name = reply[1]
-                    if name in seen:
-                        repeated.add(name)
-                    else:
-                        seen.add(name)
-        listener.on_batch_start(repeated)
+        if not replies:
+            return
         try:
-            for reply in replies:
-                # A failure to route one reply is a bug to log, never a
-                # reason to drop the connection every client depends on: an
-                # exception out of data_received makes uvloop close it.
-                try:
-                    if type(reply) is list and len(reply) >= 3:
-                        kind = reply[0]
-                        if kind == b"message":
-                            listener.on_message(reply[1], None, reply[2])
-                            continue
-                        if kind == b"pmessage":
-                            listener.on_message(reply[2], reply[1], reply[3])
-                            continue
-                        if kind == b"smessage":
-                            listener.on_message(reply[1], None, reply[2])
-                            continue
-                        if kind == b"sunsubscribe":
-                            self._on_sunsubscribe(reply[1])
-                            continue
-                    self._on_reply(reply)
-                except Exception:
-                    log.exception("upstream_reply_not_routed")
-        finally:
-            try:
-                listener.on_batch_end()
-            except Exception:
-                log.exception("upstream_batch_not_written")
+            self._on_read(replies, self.on_control)
+        except Exception:
+            # Never out of data_received: uvloop would close the connection
+            # every client depends on.
+            log.exception("upstream_read_not_routed")
+
+    def on_control(self, reply: Any) -> None:
+        """A reply that is not a pushed message: a confirmation, a command's
+        answer, or a ``sunsubscribe`` of the server's."""
+        if type(reply) is list and len(reply) >= 3 and reply[0] == b"sunsubscribe":
+            self._on_sunsubscribe(reply[1])
+            return
+        self._on_reply(reply)
 
     def _on_sunsubscribe(self, name: bytes) -> None:
         mine = self._sunsubscribing.get(name, 0)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
-from collections.abc import Container, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import structlog
@@ -36,12 +36,23 @@ from redis_ws_gateway.config import Settings
 from redis_ws_gateway.upstream.pubsub import SubKind, Upstream
 from redis_ws_gateway.upstream.redis_conn import connection_kwargs, tls_context
 
-if TYPE_CHECKING:
-    from redis_ws_gateway.fanout.hub import Hub
-
 log = structlog.get_logger("redis_ws_gateway.upstream.sharded")
 
 Node = tuple[str, int]
+
+
+class ShardListener(Protocol):
+    """Who the sharded channels' messages and events go to (fanout.hub.Hub)."""
+
+    def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None: ...
+    def on_confirmed(self, kind: SubKind, name: bytes, error: str | None) -> None: ...
+    def expect_confirmation(self, channel: bytes) -> None:
+        """``channel`` is being subscribed again: new subscribers wait for
+        its confirmation."""
+
+    def shard_channels_lost(self, names: Iterable[bytes]) -> None:
+        """Their subscription is gone until they are subscribed again."""
+
 
 # Errors that mean "this node does not serve that slot (now)": re-read the map.
 _ROUTING_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
@@ -120,15 +131,10 @@ class _Link:
         self.channels: set[bytes] = set()
         self.upstream = owner.make_upstream(node, self)
 
-    # UpstreamListener: messages go straight to the hub.
-    def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
-        self.owner.hub.on_message(channel, pattern, payload)
-
-    def on_batch_start(self, repeated: Container[bytes]) -> None:
-        self.owner.hub.on_batch_start(repeated)
-
-    def on_batch_end(self) -> None:
-        self.owner.hub.on_batch_end()
+    # UpstreamListener: reads go straight to the hub, which hands the
+    # confirmations back (through the connection) to on_confirmed here.
+    def on_read(self, replies: list[Any], control: Callable[[Any], None]) -> None:
+        self.owner.hub.on_read(replies, control)
 
     def on_upstream_up(self) -> None:
         self.owner.link_up(self)
@@ -148,7 +154,7 @@ class _Link:
 
 
 class ShardedUpstream:
-    def __init__(self, settings: Settings, hub: Hub) -> None:
+    def __init__(self, settings: Settings, hub: ShardListener) -> None:
         self.hub = hub
         self._settings = settings
         self._seeds: list[Node] = list(settings.redis_cluster_nodes)

@@ -22,8 +22,8 @@ What a connection still needs lives here:
   Ping that arrives while the client is not reading its own socket stops
   reading from it until it does: pongs never queue without bound.
 
-Outgoing data frames never pass through here: the hub writes pre-encoded
-frames straight to ``session.transport``.
+Outgoing data frames never pass through here: the hub and the session
+write pre-encoded frames to the socket (fanout/writer.py) or its transport.
 """
 
 from __future__ import annotations

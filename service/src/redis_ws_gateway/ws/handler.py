@@ -35,6 +35,7 @@ from redis_ws_gateway.errors import (
 )
 from redis_ws_gateway.fanout.hub import Hub
 from redis_ws_gateway.fanout.session import Session
+from redis_ws_gateway.fanout.writer import socket_fd
 from redis_ws_gateway.observability.metrics import Metrics, close_reason
 from redis_ws_gateway.security.auth import Authenticator, Principal
 from redis_ws_gateway.security.limits import (
@@ -222,10 +223,8 @@ class WsHandler:
             on_lagging=self.hub.mark_lagging,
             close=self._close_session,
             # Client sockets are plain TCP (TLS ends at the ingress), so
-            # frames may go to the descriptor itself (session.py).
-            fd=sock.fileno()
-            if sock is not None and transport.get_extra_info("sslcontext") is None
-            else -1,
+            # frames may go to the descriptor itself (fanout/writer.py).
+            fd=socket_fd(transport),
         )
         conn = WsConnection(
             self,
