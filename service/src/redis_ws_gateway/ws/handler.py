@@ -178,7 +178,7 @@ class WsHandler:
                     principal = self.auth.unauthenticated()
                 else:
                     principal = self.auth.anonymous()
-                span.set_attribute("redis_ws_gateway.security.auth", principal.via)
+                span.set_attribute("redis_ws_gateway.auth", principal.via)
         except TimeoutError:
             return admission.reject(503, "handshake_timeout", "authentication timed out")
         except Unauthorized as exc:
@@ -388,13 +388,13 @@ class WsHandler:
         try:
             if req.action == "auth":
                 with self.tracer.start_as_current_span("ws.auth") as span:
-                    span.set_attribute("redis_ws_gateway.ws.connection", session.id)
+                    span.set_attribute("redis_ws_gateway.connection", session.id)
                     await self._authenticate(conn, req)
             elif session.principal.via == "pending" and req.action != "ping":
                 raise Unauthorized("authenticate first: send an auth action with a token")
             elif req.action == "subscribe" and self.tracing:
                 with self.tracer.start_as_current_span("ws.subscribe") as span:
-                    span.set_attribute("redis_ws_gateway.ws.connection", session.id)
+                    span.set_attribute("redis_ws_gateway.connection", session.id)
                     span.set_attribute("redis_ws_gateway.channels", len(req.channels or ()))
                     await self._dispatch(session, req)
             else:
