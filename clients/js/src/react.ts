@@ -3,6 +3,7 @@ import {
   createContext,
   createElement,
   type ReactNode,
+  useCallback,
   useContext,
   useEffect,
   useRef,
@@ -67,11 +68,10 @@ export function useGatewayClient(): GatewayClient {
 /** The connection state, re-rendering on every change. */
 export function useGatewayState(): ConnectionState {
   const client = useGatewayClient();
-  return useSyncExternalStore(
-    (listener) => client.on("state", listener),
-    () => client.state,
-    () => client.state,
-  );
+  // A new subscribe function per render would make React resubscribe each time.
+  const subscribe = useCallback((listener: () => void) => client.on("state", listener), [client]);
+  const snapshot = useCallback(() => client.state, [client]);
+  return useSyncExternalStore(subscribe, snapshot, snapshot);
 }
 
 export interface UseGatewayChannelOptions<T> {
