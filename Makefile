@@ -22,8 +22,8 @@ demo: setup-demo
 	@$(VENV)/bin/redis-ws-gateway demo $(DEMO_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check service wire clients/python bench tests scripts
-	$(VENV)/bin/ruff format --check service wire clients/python bench tests scripts
+	$(VENV)/bin/ruff check service wire clients/python clients/js/scripts bench tests scripts
+	$(VENV)/bin/ruff format --check service wire clients/python clients/js/scripts bench tests scripts
 	$(VENV)/bin/mypy
 
 test: setup lint

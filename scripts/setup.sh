@@ -12,7 +12,8 @@
 #                           docker.io and debootstrap (the image and its smoke
 #                           test, scripts/dockerd.sh and base-image.sh) and
 #                           helm, built from the Go module proxy into
-#                           .tools/bin (needs Go)
+#                           .tools/bin (needs Go), and the npm package's
+#                           build tools in clients/js/node_modules (npm ci)
 #
 # Each step says what it does, or that it is already done. Safe to run again.
 #
@@ -21,6 +22,8 @@
 #   SETUP_BROWSER=0    test set without chromium (its tests then skip)
 #   SETUP_HELM=0       test set without helm (the chart tests then skip)
 #   SETUP_DOCKER=0     test set without docker.io and debootstrap
+#   SETUP_NPM=0        test set without clients/js/node_modules (its tests
+#                      then install it themselves, or skip without npm)
 #   SETUP_DRY_RUN=1    print each step and whether it would run; change nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +38,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 started=$SECONDS
 step=0
 steps=2
-[ "$mode" = test ] && steps=3
+[ "$mode" = test ] && steps=4
 begin() { step=$((step + 1)); log "[$step/$steps] $*"; }
 
 # --- Debian packages ---------------------------------------------------------
@@ -133,6 +136,24 @@ if [ "$mode" = test ]; then
       mkdir -p .tools/bin
       GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
       echo "$HELM_VERSION" > .tools/helm-version
+    fi
+  fi
+fi
+# --- the npm package's build tools (test set only) --------------------------------
+if [ "$mode" = test ]; then
+  # The stamp names the lock file's hash: a changed lock installs again.
+  npm_stamp=clients/js/node_modules/.installed-$(sha256sum clients/js/package-lock.json | cut -c1-16)
+  if [ "${SETUP_NPM:-1}" != 1 ]; then
+    begin "clients/js node modules: skipped (SETUP_NPM=0)"
+  elif ! command -v npm >/dev/null 2>&1; then
+    begin "clients/js node modules: skipped (npm not found; the npm package tests will skip)"
+  elif [ -f "$npm_stamp" ]; then
+    begin "clients/js node modules: already installed"
+  else
+    begin "installing clients/js node modules (npm ci; about a minute on a fresh machine, seconds from npm's cache)"
+    if [ "$dry" != 1 ]; then
+      (cd clients/js && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
+      touch "$npm_stamp"
     fi
   fi
 fi

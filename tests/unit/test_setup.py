@@ -54,17 +54,18 @@ def test_the_demo_set_needs_no_go_and_installs_no_test_tools() -> None:
     steps = [line for line in proc.stderr.splitlines() if line.startswith("setup: [")]
     assert len(steps) == 2, proc.stderr
     text = proc.stderr.lower()
-    for absent in ("helm", "chromium", "haproxy", "sentinel", "dev tools", "go "):
+    for absent in ("helm", "chromium", "haproxy", "sentinel", "dev tools", "go ", "npm"):
         assert absent not in text, (absent, proc.stderr)
     assert "ready for `make demo`" in proc.stderr
 
 
-def test_the_test_set_lists_helm_and_the_dev_tools() -> None:
+def test_the_test_set_lists_helm_the_dev_tools_and_the_node_modules() -> None:
     proc = _dry_run("test")
     assert proc.returncode == 0, proc.stderr
     steps = [line for line in proc.stderr.splitlines() if line.startswith("setup: [")]
-    assert len(steps) == 3 and "helm" in steps[2], proc.stderr
+    assert len(steps) == 4 and "helm" in steps[2], proc.stderr
     assert "dev tools" in steps[1]
+    assert "clients/js node modules" in steps[3]
     skipped = _dry_run("test", SETUP_HELM="0")
     assert "helm: skipped (SETUP_HELM=0" in skipped.stderr
 
