@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 JS_DIR = REPO / "clients" / "js"
-STATIC_CLIENT = REPO / "service" / "src" / "redis_ws_gateway" / "static" / "client.js"
+STATIC_CLIENT = REPO / "service" / "src" / "redis_ws_gateway" / "web" / "static" / "client.js"
 # Written by setup.sh and by ensure_node_modules after `npm ci` succeeded, so
 # an interrupted install is not mistaken for a finished one.
 _STAMP_PREFIX = ".installed-"
