@@ -1461,6 +1461,9 @@ class Options:
     seed: int
     retries: int
     receiver: str = "c"
+    # --storm-clients, --storm-seconds: W7's shape, when not the issue's.
+    storm_clients: int | None = None
+    storm_seconds: float | None = None
     # --gateway-env: settings for every gateway the bench starts (an A/B of
     # one setting within one build), over the workload's own.
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -2439,7 +2442,9 @@ class Bench:
                         one["phase"] = phase
                         phases.append(one)
                     shares = [p.get("others_share") or [0.0] for p in phases]
+                    profile = await self._storm_profile(target, tokens, plan, seconds, alg)
                     return {
+                        "profile": profile,
                         "phases": phases,
                         "others_share": [max(s) for s in zip(*shares, strict=False)],
                         "flags": sorted({f for p in phases for f in p["flags"]}),
@@ -2457,8 +2462,53 @@ class Bench:
                 f"W7 {alg}", attempt, lambda r: "noisy-neighbours" in r["flags"]
             )
             res.update(best)
+            if res.get("profile") is None:
+                res.pop("profile", None)
             out.append(res)
         return out
+
+    async def _storm_profile(
+        self,
+        target: Target,
+        tokens: Sequence[str],
+        plan: Sequence[tuple[str, ...]],
+        seconds: float,
+        alg: str,
+    ) -> dict[str, Any] | None:
+        """With --profile: one more storm with py-spy attached (its numbers
+        are not kept; sampling perturbs them), the profile summarised."""
+        if not self.o.profile:
+            return None
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if target.pid is None or spy is None:
+            self.notes.append("py-spy profile skipped: py-spy not installed or no gateway pid")
+            return None
+        path = self.workdir / f"profile-w7-{alg.lower()}.speedscope.json"
+        proc = await asyncio.create_subprocess_exec(
+            spy, "record", "--pid", str(target.pid), "--rate", "250", "--nonblocking",
+            "--duration", str(max(1, math.ceil(seconds) + 2)), "--format", "speedscope",
+            "--output", str(path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=_child_setup,
+        )  # fmt: skip
+        await asyncio.sleep(0.5)
+        res = await self._storm_once(target, tokens, plan, seconds, f"W7 {alg} (py-spy)")
+        try:
+            async with asyncio.timeout(seconds + 10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+        if not path.exists():
+            self.notes.append("py-spy produced no profile (ptrace not permitted?)")
+            return None
+        summary = summarize_speedscope(path)
+        summary["file"] = str(path)
+        summary["storm_under_profiler"] = {
+            k: res[k] for k in ("live", "failed", "target_ms_per_connection")
+        }
+        return summary
 
     async def _storm_once(
         self,
@@ -2615,8 +2665,8 @@ class Bench:
             # A reconnect storm: every client with a JWT of its own, spread
             # evenly over 10 s (1 s in quick mode).
             "W7": {
-                "clients": 200 if q else 10_000,
-                "seconds": 1.0 if q else 10.0,
+                "clients": self.o.storm_clients or (200 if q else 10_000),
+                "seconds": self.o.storm_seconds or (1.0 if q else 10.0),
                 "per_client": 3,
                 "nchannels": 100,
                 "algs": ("HS256", "RS256"),
@@ -3176,11 +3226,11 @@ def storm_markdown(report: dict[str, Any]) -> list[str]:
     lines = [
         "## W7: reconnect storm",
         "",
-        "Clients start evenly spread over the storm's duration; each opens a connection with its own JWT"
-        " (Authorization header) and subscribes. `first`: a fresh gateway, every token new"
-        " to it; `reconnect`: the same clients again after all dropped. CPU per connection"
-        " is the gateway's CPU time from the first client's start until the last is"
-        " subscribed, over the connections made live.",
+        "Clients start evenly spread over the storm's duration; each opens a"
+        " connection with its own JWT (Authorization header) and subscribes. `first`: a"
+        " fresh gateway, every token new to it; `reconnect`: the same clients again after"
+        " all dropped. CPU per connection is the gateway's CPU time from the first"
+        " client's start until the last is subscribed, over the connections made live.",
         "",
         "| alg | phase | clients | live | failed | all live after s | gateway ms CPU/conn"
         " | of it sys | gen ms/conn | connect->live p50 / p99 / max ms | target CPU | flags |",
@@ -3572,6 +3622,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="W1..W7, W5B (stall-and-burst readers), D1..D3 (durable channels), a"
         " comma-separated list, or all (default: all)",
     )
+    p.add_argument("--storm-clients", type=int, help="W7: clients (default 10,000; quick 200)")
+    p.add_argument(
+        "--storm-seconds", type=float, help="W7: seconds the clients start over (default 10)"
+    )
     p.add_argument(
         "--gateway-env",
         action="append",
@@ -3592,7 +3646,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", default="artifacts/bench", help="report directory (default: %(default)s)"
     )
     p.add_argument(
-        "--profile", action="store_true", help="py-spy the gateway during W2 at 10k msg/s and W4"
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway during W2 at 10k msg/s, W4, W6 and a third W7 storm",
     )
     p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the kernel floor")
     p.add_argument("--concurrency", type=int, default=200, help="connections opened at once")
@@ -3642,6 +3698,8 @@ def _options(args: argparse.Namespace) -> Options:
         retries=max(0, int(args.retries)),
         receiver=_receiver(str(args.receiver)),
         gateway_env=_gateway_env(args.gateway_env),
+        storm_clients=args.storm_clients,
+        storm_seconds=args.storm_seconds,
     )
 
 
