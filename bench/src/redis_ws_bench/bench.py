@@ -1464,6 +1464,8 @@ class Options:
     # --storm-clients, --storm-seconds: W7's shape, when not the issue's.
     storm_clients: int | None = None
     storm_seconds: float | None = None
+    # --w6-rate: W6's total msg/s, when not the issue's 20,000.
+    w6_rate: float | None = None
     # --gateway-env: settings for every gateway the bench starts (an A/B of
     # one setting within one build), over the workload's own.
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -2618,6 +2620,7 @@ class Bench:
             "per_client": 1,
             "steps": [(50, 2.0)] if q else [(100, 15.0)],
         }
+        w6_rate = self.o.w6_rate or (2000 if q else 20000)
         return {
             "W1": w1,
             "W2": {
@@ -2662,9 +2665,9 @@ class Bench:
                 "clients": 100 if q else 1000,
                 "nchannels": 100 if q else 1000,
                 "per_client": 5,
-                "steps": [(2000, 2.0)] if q else [(20000, 15.0)],
+                "steps": [(w6_rate, 2.0 if q else 15.0)],
                 "zipf": 1.0,
-                "profile_rate": (2000 if q else 20000) if self.o.profile else None,
+                "profile_rate": w6_rate if self.o.profile else None,
             },
             # A reconnect storm: every client with a JWT of its own, spread
             # evenly over 10 s (1 s in quick mode).
@@ -3626,6 +3629,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="W1..W7, W5B (stall-and-burst readers), D1..D3 (durable channels), a"
         " comma-separated list, or all (default: all)",
     )
+    p.add_argument(
+        "--w6-rate", type=float, help="W6: msg/s over all channels (default 20,000; quick 2,000)"
+    )
     p.add_argument("--storm-clients", type=int, help="W7: clients (default 10,000; quick 200)")
     p.add_argument(
         "--storm-seconds", type=float, help="W7: seconds the clients start over (default 10)"
@@ -3704,6 +3710,7 @@ def _options(args: argparse.Namespace) -> Options:
         gateway_env=_gateway_env(args.gateway_env),
         storm_clients=args.storm_clients,
         storm_seconds=args.storm_seconds,
+        w6_rate=args.w6_rate,
     )
 
 
