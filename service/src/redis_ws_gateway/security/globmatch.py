@@ -262,7 +262,10 @@ def is_pattern(s: str) -> bool:
     the channel ``md:*`` (Redis's meaning of the escape) rather than an exact
     channel whose name holds a backslash.
     """
-    return any(ch in _METACHARS for ch in s)
+    # isdisjoint walks the string in C: this runs for every channel of every
+    # subscribe (a Python generator over its characters was 1% of the
+    # gateway's CPU in a W7 reconnect storm).
+    return not _METACHARS.isdisjoint(s)
 
 
 def literal_prefix(pattern: str) -> str:
