@@ -4,8 +4,10 @@
 running ones), connects N WebSocket receivers, publishes timestamped ticks at
 a paced rate and reports loss, latency percentiles, the CPU every process
 spent per delivery, and memory per connection. Workloads W1-W5 are those of
-the issue "Fast fan-out with bounded backpressure"; docs/BENCHMARKS.md
-describes them and holds the latest results.
+the issue "Fast fan-out with bounded backpressure", W6 (many instruments,
+few watchers each) and W7 (a reconnect storm with JWTs: CPU per connection)
+those of issue 21; docs/BENCHMARKS.md describes them and holds the latest
+results.
 
 Process layout with 2+ CPUs: the gateway alone on CPU 0; this process (the
 receivers), redis-server, the publisher and the helper processes on CPU 1, so
