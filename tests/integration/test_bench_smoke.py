@@ -153,3 +153,44 @@ def test_bench_w5_quick_slows_some_clients_and_samples_the_kernel_queues(tmp_pat
         # The gateway's slow-consumer counters were read from its /metrics.
         assert set(step["slow_consumer"]) >= {"conflated", "dropped", "lagging_sessions"}
         assert res["target_env"]["DEFAULT_CHANNEL_POLICY"] == "conflate"
+
+
+@pytest.mark.timeout(150)
+def test_bench_w6_w7_quick_many_instruments_and_a_reconnect_storm(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [*_command(), "--workload", "W6,W7", "--quick", "--retries", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=140,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+
+    w6 = {r["target"]: r for r in report["results"] if r["workload"] == "W6"}
+    assert sorted(w6) == ["floor", "gateway"]
+    pop = w6["gateway"]["popularity"]
+    # Skewed: the most watched channel has many times the median's watchers.
+    assert pop["watchers_max"] >= 5 * max(1, pop["watchers_median"])
+    for kind in ("gateway", "floor"):
+        [step] = w6[kind]["steps"]
+        assert step["lost"] == 0 and step["received"] == step["expected"] > 0
+        assert step["target"]["cpu_us_per_delivery"] > 0
+        assert step["target"]["sys_us_per_delivery"] is not None
+        assert step["target"]["rss_kb"] > 0
+        assert step["groups"]["fast"]["latency"]["p99_ms"] > 0
+    assert w6["gateway"]["steps"][0]["publisher"]["msgs_per_batch"] > 1
+    [ratio] = [a for a in report["assessment"] if "W6's shape" in a["target"]]
+    assert "x of" in ratio["actual"]
+
+    storms = {r["alg"]: r for r in report["results"] if r["workload"] == "W7"}
+    assert sorted(storms) == ["HS256", "RS256"]
+    for r in storms.values():
+        assert r["target_env"]["MAX_PENDING_HANDSHAKES_PER_IP"] == "1024"
+        assert [p["phase"] for p in r["phases"]] == ["first", "reconnect"]
+        for phase in r["phases"]:
+            assert phase["live"] == phase["clients"] == 200 and phase["failed"] == 0
+            assert phase["all_live_s"] > 0
+            assert phase["target_ms_per_connection"] > 0
+            assert phase["connect_to_live_ms"]["p99"] > 0
+    assert "## W7: reconnect storm" in md and "JWT_SECRET" not in md

@@ -4,8 +4,10 @@
 running ones), connects N WebSocket receivers, publishes timestamped ticks at
 a paced rate and reports loss, latency percentiles, the CPU every process
 spent per delivery, and memory per connection. Workloads W1-W5 are those of
-the issue "Fast fan-out with bounded backpressure"; docs/BENCHMARKS.md
-describes them and holds the latest results.
+the issue "Fast fan-out with bounded backpressure", W6 (many instruments,
+few watchers each) and W7 (a reconnect storm with JWTs: CPU per connection)
+those of issue 21; docs/BENCHMARKS.md describes them and holds the latest
+results.
 
 Process layout with 2+ CPUs: the gateway alone on CPU 0; this process (the
 receivers), redis-server, the publisher and the helper processes on CPU 1, so
@@ -28,7 +30,9 @@ import asyncio
 import base64
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -938,12 +942,26 @@ class Target:
 
 # Workloads where every delivery is one write (W2 batches messages per read,
 # W3 publishes nothing), so a floor of one write per delivery applies.
-FLOOR_WORKLOADS: Final = ("W1", "W4", "W5", "W5B")
+FLOOR_WORKLOADS: Final = ("W1", "W4", "W5", "W5B", "W6")
 
 # W5: ticks, which a lagging client gets conflated (the latest per channel),
 # and a kernel send buffer small enough that a slow reader reaches the
 # gateway's own backlog within the step instead of megabytes later.
 W5_GATEWAY_ENV: Final = {"DEFAULT_CHANNEL_POLICY": "conflate", "SOCKET_SEND_BUFFER_BYTES": "32768"}
+
+# W7: the limits that concern a storm of connections from a few addresses,
+# set explicitly. MAX_CONNECTIONS_PER_IP is off (its default: behind an
+# ingress every client has one address); the bench's clients come from
+# --sources addresses (4), so the per-address cap on handshakes in progress
+# must hold a quarter of what is pending at once, and the process-wide one
+# all of it. MAX_CONNECTIONS_PER_USER (100) does not bind: one user per token.
+W7_GATEWAY_ENV: Final = {
+    "MAX_CONNECTIONS": "20000",
+    "MAX_CONNECTIONS_PER_IP": "0",
+    "MAX_PENDING_HANDSHAKES": "4096",
+    "MAX_PENDING_HANDSHAKES_PER_IP": "1024",
+    "HANDSHAKE_TIMEOUT_SECONDS": "5",
+}
 
 BENCH_GATEWAY_ENV: Final = {
     # Per-connection info lines would be the dominant cost of W3's set-up and
@@ -1048,6 +1066,7 @@ def publisher_main(cfg: dict[str, Any]) -> int:
     start = monotonic_ns()
     interval = 1e9 / rate
     sent = 0
+    batches = 0
     receivers = 0
     max_behind = 0
     last_send = start
@@ -1064,6 +1083,7 @@ def publisher_main(cfg: dict[str, Any]) -> int:
                 out.append(heads[ci] + b"$%d\r\n%s\r\n" % (len(payload), payload))
                 counts[ci] += 1
             conn.send_packed_command([b"".join(out)], check_health=False)  # type: ignore[no-untyped-call]
+            batches += 1
             for k in range(sent, due):
                 reply = conn.read_response()
                 if not is_xadd[k % nch]:
@@ -1086,6 +1106,9 @@ def publisher_main(cfg: dict[str, Any]) -> int:
         "counts": dict(zip(cfg["channels"], counts, strict=True)),
         "receivers": receivers,
         "max_behind_ms": round(max_behind / 1e6, 3),
+        # PUBLISHes pipelined per write to Redis, on average: what Redis then
+        # writes to the gateway in one go.
+        "batches": batches,
         "wall_s": round(wall, 4),
         "cpu_s": round(time.process_time() - cpu0, 4),
         "size": len(make_payload(OFFSET, total - 1, pad)),
@@ -1440,6 +1463,14 @@ class Options:
     seed: int
     retries: int
     receiver: str = "c"
+    # --storm-clients, --storm-seconds: W7's shape, when not the issue's.
+    storm_clients: int | None = None
+    storm_seconds: float | None = None
+    # --w6-rate: W6's total msg/s, when not the issue's 20,000.
+    w6_rate: float | None = None
+    # --gateway-env: settings for every gateway the bench starts (an A/B of
+    # one setting within one build), over the workload's own.
+    gateway_env: dict[str, str] = field(default_factory=dict)
 
 
 class Bench:
@@ -1463,6 +1494,8 @@ class Bench:
     async def target(self, kind: str, label: str, env: dict[str, str] | None = None) -> Target:
         if kind == "gateway" and self.o.url:
             return Target("gateway", self.o.url, None, self.o.gateway_pid)
+        if kind == "gateway":
+            env = {**(env or {}), **self.o.gateway_env}
         t = await start_target(kind, self.redis_url, self.workdir, label, env or {})
         self.nofile[f"{kind}-{label}"] = proc_nofile(t.pid or 0)
         return t
@@ -1647,6 +1680,7 @@ class Bench:
                 "achieved_rate": round(pub["sent"] / max(pub["wall_s"], 1e-9), 1),
                 "cpu_us_per_msg": round(pub["cpu_s"] / max(1, pub["sent"]) * 1e6, 2),
                 "redis_receivers_per_msg": round(pub["receivers"] / max(1, pub["sent"]), 3),
+                "msgs_per_batch": round(pub["sent"] / max(1, pub.get("batches", 0)), 1),
                 "payload_bytes": pub["size"],
             },
             "expected": expected_total,
@@ -1726,17 +1760,31 @@ class Bench:
         slow_cycle: tuple[float, float] = (0.0, 0.0),
         env: dict[str, str] | None = None,
         profile_rate: float | None = None,
+        zipf: float | None = None,
     ) -> dict[str, Any]:
         channels = [f"bench:{name.lower()}:{i}" for i in range(nchannels)]
         fast = Group("fast")
         groups = [fast]
         plan: list[tuple[tuple[str, ...], Group, int | None]] = []
+        # W6: channel i drawn with weight 1/(i+1)**zipf (a few instruments
+        # everyone watches, a long tail that one or two do), seeded.
+        cum = (
+            None
+            if zipf is None
+            else list(itertools.accumulate(1.0 / (i + 1) ** zipf for i in range(nchannels)))
+        )
         for _ in range(clients):
-            chosen = (
-                tuple(self.rng.sample(channels, per_client))
-                if per_client < nchannels
-                else tuple(channels)
-            )
+            if cum is not None and per_client < nchannels:
+                picked: list[int] = []
+                while len(picked) < per_client:
+                    [i] = self.rng.choices(range(nchannels), cum_weights=cum)
+                    if i not in picked:
+                        picked.append(i)
+                chosen = tuple(channels[i] for i in sorted(picked))
+            elif per_client < nchannels:
+                chosen = tuple(self.rng.sample(channels, per_client))
+            else:
+                chosen = tuple(channels)
             plan.append((chosen, fast, None))
         slow_group = Group("slow", paced=slow_clients > 0 and not slow_cycle[1])
         if slow_clients:
@@ -1755,6 +1803,20 @@ class Bench:
             "channels_per_client": per_client,
             "steps": [],
         }
+        if zipf is not None:
+            watchers = {c: 0 for c in channels}
+            for chosen, _, _ in plan:
+                for c in chosen:
+                    watchers[c] += 1
+            counts = sorted(watchers.values(), reverse=True)
+            results["popularity"] = {
+                "zipf_exponent": zipf,
+                "watchers_max": counts[0],
+                "watchers_top10": counts[:10],
+                "watchers_median": counts[len(counts) // 2],
+                "channels_watched": sum(1 for n in counts if n),
+                "channels_with_1_or_2_watchers": sum(1 for n in counts if 1 <= n <= 2),
+            }
         for rate, duration in steps:
             label = f"{name} {kind} {int(rate)}/s"
             attempts: list[dict[str, Any]] = []
@@ -1801,7 +1863,8 @@ class Bench:
         try:
             rss0 = target.status_kb("VmRSS")
             receivers = await self.connect(target, plan, f"{name}/{kind}")
-            await self.wait_numsub(channels)
+            # Only watched channels: W6's tail has channels no client chose.
+            await self.wait_numsub(sorted({c for chosen, _, _ in plan for c in chosen}))
             rss1 = target.status_kb("VmRSS")
             if self.o.receiver == "c":
                 self.native = NativeReceive(receivers)
@@ -2313,6 +2376,242 @@ class Bench:
         out["steps"] = [step]
         return out
 
+    # --- W7: reconnect storm --------------------------------------------------------
+
+    def storm_credentials(self, alg: str, clients: int) -> tuple[list[str], dict[str, str]]:
+        """``clients`` tokens, one user each, valid for an hour, and the
+        gateway settings that verify them. Minted before the storm, not
+        measured. RS256: a fresh 2048-bit key, its public half in a PEM file."""
+        import jwt
+
+        now = int(time.time())
+        claims = [{"sub": f"w7-user-{i}", "exp": now + 3600, "iat": now} for i in range(clients)]
+        if alg == "HS256":
+            secret = base64.b64encode(os.urandom(32)).decode()
+            env = {"JWT_SECRET": secret, "JWT_ALGORITHMS": "HS256"}
+            return [jwt.encode(c, secret, algorithm="HS256") for c in claims], env
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = self.workdir / "w7-rs256-public.pem"
+        pem.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        env = {"JWT_PUBLIC_KEY_FILE": str(pem.resolve()), "JWT_ALGORITHMS": "RS256"}
+        return [jwt.encode(c, key, algorithm="RS256") for c in claims], env
+
+    async def storm(
+        self, *, clients: int, seconds: float, per_client: int, nchannels: int, algs: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """W7: ``clients`` clients with JWTs connect and subscribe, spread
+        evenly over ``seconds``, against a fresh gateway (every token new to
+        it); then all drop and the same clients, tokens and channels come back
+        the same way (every token seen before: what the token cache saves)."""
+        channels = [f"bench:w7:{i}" for i in range(nchannels)]
+        out: list[dict[str, Any]] = []
+        if self.o.url:
+            # The storm's tokens are minted for the gateway the bench starts.
+            self.notes.append("W7 skipped: it needs a gateway the bench starts (not --url)")
+            return out
+        for alg in algs:
+            t0 = time.monotonic()
+            tokens, jwt_env = self.storm_credentials(alg, clients)
+            log(f"W7 {alg}: minted {clients} tokens in {time.monotonic() - t0:.1f}s")
+            plan = [tuple(self.rng.sample(channels, per_client)) for _ in range(clients)]
+            env = {**W7_GATEWAY_ENV, **jwt_env, **self.o.gateway_env}
+            res: dict[str, Any] = {
+                "workload": "W7",
+                "target": "gateway",
+                "alg": alg,
+                "clients": clients,
+                "spread_s": seconds,
+                "channels": nchannels,
+                "channels_per_client": per_client,
+                "target_env": {k: ("<secret>" if k == "JWT_SECRET" else v) for k, v in env.items()},
+            }
+
+            async def attempt(
+                tokens: list[str] = tokens,
+                env: dict[str, str] = env,
+                alg: str = alg,
+                plan: list[tuple[str, ...]] = plan,
+            ) -> dict[str, Any]:
+                target = await self.target("gateway", f"W7-{alg}", env)
+                log(f"W7 {alg} against gateway ({target.url}, pid {target.pid})")
+                try:
+                    phases = []
+                    for phase in ("first", "reconnect"):
+                        one = await self._storm_once(
+                            target, tokens, plan, seconds, f"W7 {alg} {phase}"
+                        )
+                        one["phase"] = phase
+                        phases.append(one)
+                    shares = [p.get("others_share") or [0.0] for p in phases]
+                    profile = await self._storm_profile(target, tokens, plan, seconds, alg)
+                    return {
+                        "profile": profile,
+                        "phases": phases,
+                        "others_share": [max(s) for s in zip(*shares, strict=False)],
+                        "flags": sorted({f for p in phases for f in p["flags"]}),
+                        "rss_kb": target.status_kb("VmRSS"),
+                        "hwm_kb": target.status_kb("VmHWM"),
+                    }
+                finally:
+                    stop_target(target)
+
+            # One gateway process per attempt: "first" is its first storm
+            # (every token new to it, as on a pod that takes over after a
+            # drain), "reconnect" the same clients again (every token seen:
+            # the same pod after a network blip or a load balancer's restart).
+            best = await self.retrying(
+                f"W7 {alg}", attempt, lambda r: "noisy-neighbours" in r["flags"]
+            )
+            res.update(best)
+            if res.get("profile") is None:
+                res.pop("profile", None)
+            out.append(res)
+        return out
+
+    async def _storm_profile(
+        self,
+        target: Target,
+        tokens: Sequence[str],
+        plan: Sequence[tuple[str, ...]],
+        seconds: float,
+        alg: str,
+    ) -> dict[str, Any] | None:
+        """With --profile: one more storm with py-spy attached (its numbers
+        are not kept; sampling perturbs them), the profile summarised."""
+        if not self.o.profile:
+            return None
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if target.pid is None or spy is None:
+            self.notes.append("py-spy profile skipped: py-spy not installed or no gateway pid")
+            return None
+        path = self.workdir / f"profile-w7-{alg.lower()}.speedscope.json"
+        proc = await asyncio.create_subprocess_exec(
+            spy, "record", "--pid", str(target.pid), "--rate", "250", "--nonblocking",
+            "--duration", str(max(1, math.ceil(seconds) + 2)), "--format", "speedscope",
+            "--output", str(path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=_child_setup,
+        )  # fmt: skip
+        await asyncio.sleep(0.5)
+        res = await self._storm_once(target, tokens, plan, seconds, f"W7 {alg} (py-spy)")
+        try:
+            async with asyncio.timeout(seconds + 10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+        if not path.exists():
+            self.notes.append("py-spy produced no profile (ptrace not permitted?)")
+            return None
+        summary = summarize_speedscope(path)
+        summary["file"] = str(path)
+        summary["storm_under_profiler"] = {
+            k: res[k] for k in ("live", "failed", "target_ms_per_connection")
+        }
+        return summary
+
+    async def _storm_once(
+        self,
+        target: Target,
+        tokens: Sequence[str],
+        plan: Sequence[tuple[str, ...]],
+        seconds: float,
+        label: str,
+    ) -> dict[str, Any]:
+        """One storm: client i starts at i * seconds / N; the window ends when
+        the last one is subscribed (or failed)."""
+        base = target.ws
+        group = Group("storm")
+        addrs = base.sources(self.o.sources)
+        n = len(tokens)
+        live_at: list[float | None] = [None] * n
+        errors: dict[str, int] = {}
+        receivers: list[Receiver] = []
+        interval = seconds / max(1, n)
+        t0 = time.monotonic()
+        starts = [t0 + i * interval for i in range(n)]
+
+        async def one(i: int) -> None:
+            ws = dataclasses.replace(base, token=tokens[i])
+            try:
+                r = await open_receiver(ws, group, plan[i], addrs[i % len(addrs)], 30.0)
+            except (OSError, TimeoutError) as exc:
+                key = f"{type(exc).__name__}: {exc}"[:120]
+                errors[key] = errors.get(key, 0) + 1
+                return
+            live_at[i] = time.monotonic()
+            receivers.append(r)
+
+        before = snap(target, self.redis_child)
+        tasks: list[asyncio.Task[None]] = []
+        last_log = t0
+        for i in range(n):
+            delay = starts[i] - time.monotonic()
+            if delay > 0.001:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+            if time.monotonic() - last_log >= 1.0:
+                last_log = time.monotonic()
+                nlive = sum(1 for t in live_at if t is not None)
+                log(f"  {label}: started {i + 1}/{n}, live {nlive}, failed {sum(errors.values())}")
+        await asyncio.gather(*tasks)
+        after = snap(target, self.redis_child)
+        live = [(t - s) * 1e3 for t, s in zip(live_at, starts, strict=True) if t is not None]
+        done = [t for t in live_at if t is not None]
+        res = self._window(before, after)
+        cpu = res["target_cpu_s"]
+        sys_s = (
+            None
+            if after.target_sys is None or before.target_sys is None
+            else after.target_sys - before.target_sys
+        )
+        live.sort()
+        res.update(
+            {
+                "label": label,
+                "clients": n,
+                "live": len(done),
+                "failed": n - len(done),
+                "errors": errors,
+                "all_live_s": round(max(done) - t0, 3) if len(done) == n else None,
+                "last_live_s": round(max(done) - t0, 3) if done else None,
+                "target_sys_s": None if sys_s is None else round(sys_s, 4),
+                "target_ms_per_connection": None
+                if cpu is None or not done
+                else round(cpu / len(done) * 1e3, 4),
+                "target_sys_ms_per_connection": None
+                if sys_s is None or not done
+                else round(sys_s / len(done) * 1e3, 4),
+                "generator_ms_per_connection": round(
+                    res["generator_cpu_s"] / max(1, len(done)) * 1e3, 4
+                ),
+                "connect_to_live_ms": {
+                    "p50": _quantile(live, 0.5),
+                    "p99": _quantile(live, 0.99),
+                    "max": _quantile(live, 1.0),
+                },
+            }
+        )
+        log(
+            f"  {label}: {len(done)}/{n} live, all live after {res['last_live_s']}s,"
+            f" gateway {res['target_ms_per_connection']} ms CPU/connection"
+            f" ({res['target_sys_ms_per_connection']} sys),"
+            f" connect->live p50 {res['connect_to_live_ms']['p50']} ms"
+            f" p99 {res['connect_to_live_ms']['p99']} ms {' '.join(res['flags'])}"
+        )
+        close_all(receivers)
+        # Let the gateway see every close before the next storm or its stop.
+        await asyncio.sleep(2.0 if n > 1000 else 0.5)
+        return res
+
     # --- the run ------------------------------------------------------------------------
 
     def plans(self) -> dict[str, dict[str, Any]]:
@@ -2323,6 +2622,7 @@ class Bench:
             "per_client": 1,
             "steps": [(50, 2.0)] if q else [(100, 15.0)],
         }
+        w6_rate = self.o.w6_rate or (2000 if q else 20000)
         return {
             "W1": w1,
             "W2": {
@@ -2359,6 +2659,27 @@ class Bench:
                 "slow_cycle": (0.5, 0.25) if q else (4.0, 0.5),
                 "env": W5_GATEWAY_ENV,
             },
+            # Many instruments, few watchers each: channel popularity Zipf
+            # (exponent 1), 20,000 msg/s round-robin over every channel, the
+            # publisher pipelining what is due each 1 ms tick (~20 PUBLISHes),
+            # so Redis hands the gateway several messages per read.
+            "W6": {
+                "clients": 100 if q else 1000,
+                "nchannels": 100 if q else 1000,
+                "per_client": 5,
+                "steps": [(w6_rate, 2.0 if q else 15.0)],
+                "zipf": 1.0,
+                "profile_rate": w6_rate if self.o.profile else None,
+            },
+            # A reconnect storm: every client with a JWT of its own, spread
+            # evenly over 10 s (1 s in quick mode).
+            "W7": {
+                "clients": self.o.storm_clients or (200 if q else 10_000),
+                "seconds": self.o.storm_seconds or (1.0 if q else 10.0),
+                "per_client": 3,
+                "nchannels": 100,
+                "algs": ("HS256", "RS256"),
+            },
             "D1": {"entries": 10_000 if q else 100_000},
             "D2": {
                 "live_clients": 10 if q else 50,
@@ -2392,6 +2713,7 @@ class Bench:
                 "quick": self.o.quick,
                 "compare_naive": self.o.compare_naive,
                 "seed": self.o.seed,
+                "gateway_env": self.o.gateway_env,
             },
             "pinned": pin(0, BENCH_CPU),
             "results": [],
@@ -2417,6 +2739,10 @@ class Bench:
                     report["results"].append(await self.durable_resume(**plans[wl]))
                 else:
                     report["results"].append(await self.durable_vs_plain(**plans[wl]))
+                continue
+            if wl == "W7":
+                # Authentication exists only in the gateway.
+                report["results"].extend(await self.storm(**plans[wl]))
                 continue
             for kind in kinds:
                 if kind == "floor" and wl not in FLOOR_WORKLOADS:
@@ -2827,6 +3153,36 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
         shaped = _shaped_floor(report, "W4")
         if shaped and us is not None:
             against("W4 CPU/delivery vs the floor in W4's shape (bench_floor)", us, shaped, None)
+    w6 = _steps(report, "W6", "gateway")
+    if w6:
+        s = w6[0]
+        p99 = s["groups"]["fast"]["latency"]["p99_ms"]
+        us = s["target"]["cpu_us_per_delivery"]
+        add("W6 loss", "0", str(s["lost"]), s["lost"] == 0)
+        add("W6 p99", "< 10 ms", f"{p99} ms", p99 is not None and p99 < 10.0)
+        shaped = _shaped_floor(report, "W6")
+        if shaped and us is not None:
+            against("W6 CPU/delivery vs the floor in W6's shape (bench_floor)", us, shaped, 1.3)
+    for r in report["results"]:
+        if r["workload"] != "W7":
+            continue
+        limit = W7_MS_PER_CONNECTION.get(r["alg"])
+        for ph in r.get("phases", []):
+            name = f"W7 {r['alg']} {ph['phase']} storm"
+            ms = ph.get("target_ms_per_connection")
+            add(
+                f"{name}: gateway CPU/connection",
+                f"<= {limit} ms" if limit else "(reference)",
+                f"{ms} ms",
+                None if limit is None or ms is None else ms <= limit,
+            )
+            t = ph.get("all_live_s")
+            add(
+                f"{name}: all {ph['clients']} live",
+                "within 15 s",
+                f"{t} s" if t is not None else f"{ph['live']} live, {ph['failed']} failed",
+                t is not None and t <= 15.0,
+            )
     for wl in ("W5", "W5B"):
         w5 = _steps(report, wl, "gateway")
         if not (w5 and w1):
@@ -2866,6 +3222,59 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
             if r["workload"] == wl and r["target"] == "gateway":
                 add(f"{wl} gateway peak RSS (VmHWM)", "bounded", f"{r.get('hwm_kb')} KB", None)
     return out
+
+
+# The issue's bars for W7: gateway CPU per connection, by token algorithm.
+W7_MS_PER_CONNECTION: Final = {"HS256": 0.2, "RS256": 0.4}
+
+
+def storm_markdown(report: dict[str, Any]) -> list[str]:
+    storms = [r for r in report["results"] if r["workload"] == "W7"]
+    if not storms:
+        return []
+    lines = [
+        "## W7: reconnect storm",
+        "",
+        "Clients start evenly spread over the storm's duration; each opens a"
+        " connection with its own JWT (Authorization header) and subscribes. `first`: a"
+        " fresh gateway, every token new to it; `reconnect`: the same clients again after"
+        " all dropped. CPU per connection is the gateway's CPU time from the first"
+        " client's start until the last is subscribed, over the connections made live.",
+        "",
+        "| alg | phase | clients | live | failed | all live after s | gateway ms CPU/conn"
+        " | of it sys | gen ms/conn | connect->live p50 / p99 / max ms | target CPU | flags |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for r in storms:
+        for ph in r.get("phases", []):
+            lat = ph["connect_to_live_ms"]
+            lines.append(
+                _row(
+                    r["alg"],
+                    ph["phase"],
+                    ph["clients"],
+                    ph["live"],
+                    ph["failed"],
+                    _fmt(ph["all_live_s"]),
+                    _fmt(ph["target_ms_per_connection"], 3),
+                    _fmt(ph["target_sys_ms_per_connection"], 3),
+                    _fmt(ph["generator_ms_per_connection"], 3),
+                    f"{_fmt(lat['p50'])} / {_fmt(lat['p99'])} / {_fmt(lat['max'])}",
+                    _fmt(ph["target_cpu_util"]),
+                    " ".join(ph["flags"]),
+                )
+            )
+            if ph.get("errors"):
+                lines.append(f"|  | errors: {ph['errors']} | | | | | | | | | | |")
+    env = storms[0].get("target_env", {})
+    lines += [
+        "",
+        "Gateway settings for the storm: "
+        + ", ".join(f"`{k}={v}`" for k, v in sorted(env.items()) if not k.startswith("JWT_"))
+        + ".",
+        "",
+    ]
+    return lines
 
 
 def _latency_cells(lat: dict[str, Any]) -> list[str]:
@@ -3028,6 +3437,25 @@ def markdown(report: dict[str, Any]) -> str:
                 if run.get("errors"):
                     lines.append(f"|  | errors: {run['errors']} | | | | | | | |")
         lines.append("")
+    for r in report["results"]:
+        pop = r.get("popularity")
+        if pop and r["target"] == "gateway":
+            lines += [
+                f"{r['workload']}: channel popularity Zipf (exponent {pop['zipf_exponent']}):"
+                f" watchers of the 10 most watched channels {pop['watchers_top10']}, median"
+                f" {pop['watchers_median']}; {pop['channels_watched']} of {r['channels']}"
+                f" channels watched, {pop['channels_with_1_or_2_watchers']} by one or two"
+                " clients.",
+                "",
+            ]
+        for s in r.get("steps", []):
+            if r["workload"] == "W6" and r["target"] == "gateway":
+                lines += [
+                    f"W6: the publisher pipelined {s['publisher']['msgs_per_batch']} PUBLISHes"
+                    " per write to Redis on average.",
+                    "",
+                ]
+    lines += storm_markdown(report)
     lines += durable_markdown(report)
     naive = [r for r in report["results"] if r["target"] == "naive" and "steps" in r]
     if naive:
@@ -3193,15 +3621,30 @@ def durable_markdown(report: dict[str, Any]) -> list[str]:
 # The order of --workload all. W5 and W5B right after W1: their fast
 # clients' p99 is held against W1's, and on this shared machine the minutes
 # between two steps move p99 by more than the 20% the target allows.
-WORKLOADS: Final = ("W1", "W5", "W5B", "W2", "W3", "W4", "D1", "D2", "D3")
+WORKLOADS: Final = ("W1", "W5", "W5B", "W2", "W3", "W4", "W6", "W7", "D1", "D2", "D3")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload",
         default="all",
-        help="W1..W5, W5B (stall-and-burst readers), D1..D3 (durable channels), a"
+        help="W1..W7, W5B (stall-and-burst readers), D1..D3 (durable channels), a"
         " comma-separated list, or all (default: all)",
+    )
+    p.add_argument(
+        "--w6-rate", type=float, help="W6: msg/s over all channels (default 20,000; quick 2,000)"
+    )
+    p.add_argument("--storm-clients", type=int, help="W7: clients (default 10,000; quick 200)")
+    p.add_argument(
+        "--storm-seconds", type=float, help="W7: seconds the clients start over (default 10)"
+    )
+    p.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every gateway the bench starts, over the workload's own"
+        " (repeatable; e.g. JWT_CACHE_SIZE=0 for an A/B within one build)",
     )
     p.add_argument(
         "--quick", action="store_true", help="tiny scale and seconds-long steps (smoke run)"
@@ -3215,7 +3658,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", default="artifacts/bench", help="report directory (default: %(default)s)"
     )
     p.add_argument(
-        "--profile", action="store_true", help="py-spy the gateway during W2 at 10k msg/s and W4"
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway during W2 at 10k msg/s, W4, W6 and a third W7 storm",
     )
     p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the kernel floor")
     p.add_argument("--concurrency", type=int, default=200, help="connections opened at once")
@@ -3264,7 +3709,21 @@ def _options(args: argparse.Namespace) -> Options:
         seed=int(args.seed),
         retries=max(0, int(args.retries)),
         receiver=_receiver(str(args.receiver)),
+        gateway_env=_gateway_env(args.gateway_env),
+        storm_clients=args.storm_clients,
+        storm_seconds=args.storm_seconds,
+        w6_rate=args.w6_rate,
     )
+
+
+def _gateway_env(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--gateway-env takes NAME=VALUE, not {item!r}")
+        out[name.strip()] = value
+    return out
 
 
 def _receiver(kind: str) -> str:

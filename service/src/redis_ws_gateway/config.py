@@ -141,6 +141,8 @@ class Settings:
     jwt_audience: str | None = None
     jwt_leeway_seconds: float = 10.0
     jwks_refetch_cooldown_seconds: float = 30.0
+    # Verified tokens kept by their string (security/tokens.py TokenCache); 0: off.
+    jwt_cache_size: int = 10_000
     allowed_origins: tuple[str, ...] = ()
     auth_timeout_seconds: float = 10.0
     rate_limit_per_second: float = 20.0
@@ -366,6 +368,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "JWT_AUDIENCE": ("jwt_audience", _nonempty),
     "JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", _float_range(0, 3600)),
     "JWKS_REFETCH_COOLDOWN_SECONDS": ("jwks_refetch_cooldown_seconds", _float_range(0, 86400)),
+    "JWT_CACHE_SIZE": ("jwt_cache_size", _int_range(0, 1_000_000)),
     "ALLOWED_ORIGINS": ("allowed_origins", _origins),
     "AUTH_TIMEOUT_SECONDS": ("auth_timeout_seconds", _float_range(0.1, 600)),
     "RATE_LIMIT_MESSAGES_PER_SECOND": ("rate_limit_per_second", _float_range(0.1, 1_000_000)),

@@ -138,6 +138,7 @@ FATAL_CLOSE_CODES: Final = frozenset({Close.POLICY, Close.TOO_BIG})
 REFUSAL_HEADER: Final = "X-Refusal-Reason"
 
 PATTERN_CHARS: Final = "*?["
+_PATTERN_SET: Final = frozenset(PATTERN_CHARS)
 
 
 def is_pattern(name: str) -> bool:
@@ -147,7 +148,10 @@ def is_pattern(name: str) -> bool:
     Escaped metacharacters count too, so ``md:\\*`` is the pattern that
     matches only the channel ``md:*`` (Redis's meaning of the escape) rather
     than an exact channel whose name holds a backslash."""
-    return any(c in name for c in PATTERN_CHARS)
+    # isdisjoint walks the string in C: this runs for every channel of every
+    # subscribe (a Python generator over its characters was 1% of the
+    # gateway's CPU in a reconnect storm).
+    return not _PATTERN_SET.isdisjoint(name)
 
 
 def ws_url_error(url: str) -> str | None:

@@ -69,6 +69,7 @@ class Authenticator:
                 issuer=settings.jwt_issuer,
                 audience=settings.jwt_audience,
                 leeway=settings.jwt_leeway_seconds,
+                cache_size=settings.jwt_cache_size,
             )
 
     async def start(self) -> None:

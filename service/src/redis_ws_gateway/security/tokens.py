@@ -12,7 +12,11 @@ HMAC secret.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ import aiohttp
 import jwt
 import orjson
 import structlog
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 log = structlog.get_logger("redis_ws_gateway.security.tokens")
 
@@ -42,6 +47,10 @@ class Claims:
     roles: tuple[str, ...] | None
     channels: tuple[str, ...] | None
     expires_at: float
+    # The later of nbf and iat, when the token has either: pyjwt refuses a
+    # token before either (less the leeway), and a cached verification is
+    # checked against it and exp again at each use.
+    not_before: float | None = None
 
 
 class KeySet:
@@ -70,6 +79,10 @@ class KeySet:
         self._lock = asyncio.Lock()
         self._fetch = fetch
         self.fetches = 0
+        # Bumped whenever a key set is installed: verifications made with an
+        # older set are not reused (TokenCache).
+        self.generation = 0
+        self._raw = b""
 
     def load_file(self) -> None:
         assert self._path is not None
@@ -86,6 +99,13 @@ class KeySet:
             keys[raw.get("kid")] = key
         if not keys:
             raise ValueError("JWKS has no usable keys")
+        # A refetch that brings the same keys revokes nothing: cached
+        # verifications stay. Any change (a key added, removed or replaced)
+        # makes every earlier verification unusable.
+        raw = orjson.dumps(data.get("keys", []), option=orjson.OPT_SORT_KEYS)
+        if raw != self._raw:
+            self._raw = raw
+            self.generation += 1
         self._keys = keys
 
     def get(self, kid: str | None) -> jwt.PyJWK | None:
@@ -129,6 +149,72 @@ class KeySet:
             return data
 
 
+# Longer tokens are verified every time, not cached: 10,000 entries of at
+# most this many characters bound the cache's memory (~40 MB at worst;
+# typical tokens are under 1 KB).
+MAX_CACHED_TOKEN_CHARS = 4096
+
+
+class TokenCache:
+    """Verified tokens by their exact string: a client that connects again
+    with the token it had (a reconnect storm after a drain, several tabs of
+    one browser) costs a dictionary look-up instead of a signature check.
+
+    Bounded LRU of ``size`` entries; only successful verifications enter it.
+    An entry is used only while
+
+    - the time is still inside the token's validity, checked at each use
+      with the verifier's leeway exactly as pyjwt checks it (its ``int()`` of
+      each date included: ``exp``: ``int(exp) > now - leeway``; ``nbf`` and
+      ``iat``: ``int(x) <= now + leeway``); outside it the entry is dropped
+      and the token verified again, which rejects it with the usual reason;
+    - the key set that verified it is current: ``generation`` changes when a
+      JWKS refetch installs a different set, so a revoked or replaced key
+      stops a token at its next use.
+    """
+
+    def __init__(self, size: int, leeway: float, clock: Callable[[], float] = time.time) -> None:
+        self.size = size
+        self._leeway = leeway
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[int, Claims]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str, generation: int) -> Claims | None:
+        entry = self._entries.get(token)
+        if entry is None:
+            self.misses += 1
+            return None
+        cached_generation, claims = entry
+        now = self._clock()
+        if (
+            cached_generation != generation
+            or int(claims.expires_at) <= now - self._leeway
+            or (claims.not_before is not None and int(claims.not_before) > now + self._leeway)
+        ):
+            del self._entries[token]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(token)
+        self.hits += 1
+        return claims
+
+    def put(self, token: str, generation: int, claims: Claims) -> None:
+        if len(token) > MAX_CACHED_TOKEN_CHARS:
+            return
+        self._entries[token] = (generation, claims)
+        self._entries.move_to_end(token)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class JwtVerifier:
     def __init__(
         self,
@@ -140,20 +226,44 @@ class JwtVerifier:
         issuer: str | None = None,
         audience: str | None = None,
         leeway: float = 0.0,
+        cache_size: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._algorithms = frozenset(algorithms)
         self._secret = secret.encode() if secret else None
-        self._public_key = public_key_pem
+        # Parsed once here, not by pyjwt at every verification (its RSA
+        # prepare_key even tries the PEM as a private key first). A key object
+        # of another family than the token's algorithm is refused by pyjwt as
+        # the PEM was. What does not parse as a public key is passed on as
+        # bytes, as before.
+        self._public_key: Any = public_key_pem
+        if public_key_pem is not None:
+            try:
+                self._public_key = load_pem_public_key(public_key_pem)
+            except (ValueError, TypeError):
+                pass
         self._keyset = keyset
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
+        # 0 disables it (JWT_CACHE_SIZE).
+        self.cache = TokenCache(cache_size, leeway, clock) if cache_size > 0 else None
 
     async def verify(self, token: str) -> Claims:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise TokenRejected("malformed token") from None
+        cache = self.cache
+        if cache is None:
+            return await self._verify(token)
+        # Read before the key is looked up: a refetch during the await makes
+        # what this call verifies stale at once.
+        generation = self._keyset.generation if self._keyset is not None else 0
+        claims = cache.get(token, generation)
+        if claims is None:
+            claims = await self._verify(token)
+            cache.put(token, generation, claims)
+        return claims
+
+    async def _verify(self, token: str) -> Claims:
+        header = _peek_header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise TokenRejected("token algorithm not allowed")
@@ -210,6 +320,24 @@ class JwtVerifier:
         raise TokenRejected("token algorithm not allowed")
 
 
+def _peek_header(token: str) -> Mapping[str, Any]:
+    """The header, only to choose the algorithm and key: pyjwt's decode parses
+    and checks the whole token again, strictly, and refuses it unless its
+    own reading of ``alg`` is the one chosen here. jwt.get_unverified_header
+    did the same parse as decode (a Python loop over every character of each
+    segment), twice per token in all."""
+    head, sep, _ = token.partition(".")
+    if not sep:
+        raise TokenRejected("malformed token")
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        raise TokenRejected("malformed token") from None
+    if not isinstance(header, dict):
+        raise TokenRejected("malformed token")
+    return header
+
+
 # 9999-12-31T23:59:59Z: later dates are not dates a token means.
 MAX_NUMERIC_DATE = 253_402_300_799
 
@@ -230,8 +358,9 @@ def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
 
 def _claims(payload: Mapping[str, Any]) -> Claims:
     exp = _numeric_date(payload, "exp")
-    _numeric_date(payload, "nbf")
-    _numeric_date(payload, "iat")
+    nbf = _numeric_date(payload, "nbf")
+    iat = _numeric_date(payload, "iat")
+    dates = [d for d in (nbf, iat) if d is not None]
     assert exp is not None
     sub = payload.get("sub")
     if not isinstance(sub, str) or not sub:
@@ -252,4 +381,4 @@ def _claims(payload: Mapping[str, Any]) -> Claims:
         if not isinstance(raw, list) or not all(isinstance(c, str) and c for c in raw):
             raise TokenRejected("token claim channels must be a list of patterns")
         channels = tuple(raw)
-    return Claims(sub, roles, channels, exp)
+    return Claims(sub, roles, channels, exp, max(dates) if dates else None)
