@@ -118,7 +118,7 @@ class Settings:
     # topic and shared by the topic's deflate clients (docs/PROTOCOL.md).
     ws_compression: bool = True
     ws_compression_min_bytes: int = 512
-    ws_compression_level: int = 6
+    ws_compression_level: int = 1
     redis_connect_timeout_seconds: float = 3.0
     redis_health_check_interval_seconds: float = 1.0
     redis_health_check_timeout_seconds: float = 3.0

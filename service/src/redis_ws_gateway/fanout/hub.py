@@ -156,7 +156,7 @@ class Hub:
         slow_consumer_grace: float,
         native_writes: bool = True,
         compression_min_bytes: int = 512,
-        compression_level: int = 6,
+        compression_level: int = 1,
     ) -> None:
         # The direct writes' loop: C (the _fanout extension) unless it was
         # not built or the NATIVE_WRITES setting turns it off.
