@@ -57,6 +57,8 @@ if [ "$mode" = test ]; then
   # interpreter's headers; the demo installs without them when they are
   # missing and runs the same loop in Python.
   command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+  # The bench's receive loop inflates permessage-deflate frames (--deflate).
+  [ -f /usr/include/zlib.h ] || need_apt+=(zlib1g-dev)
   "${PYTHON:-python3}" - <<'PYEOF' || need_apt+=(python3-dev)
 import os, sys, sysconfig
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)

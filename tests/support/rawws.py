@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 
 
@@ -33,6 +34,27 @@ def text(data: str | bytes) -> bytes:
     return frame(0x1, data.encode() if isinstance(data, str) else data)
 
 
+def deflated(data: bytes) -> bytes:
+    """``data`` as a permessage-deflate message body (RFC 7692 7.2.1)."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def inflate(payload: bytes) -> bytes:
+    """A compressed message's payload (RSV1 set) inflated."""
+    d = zlib.decompressobj(-15)
+    return d.decompress(payload + b"\x00\x00\xff\xff") + d.flush()
+
+
+def compressed_text(data: bytes, compressed: bytes | None = None) -> bytes:
+    """A masked text frame with RSV1 set: ``data`` deflated (or
+    ``compressed``, the payload as it is)."""
+    raw = frame(0x1, deflated(data) if compressed is None else compressed)
+    return bytes([raw[0] | 0x40]) + raw[1:]
+
+
 PING = 0x9
 EMPTY_PING = frame(PING)
 
@@ -42,6 +64,7 @@ class Frame:
     opcode: int
     payload: bytes
     fin: bool = True
+    rsv1: bool = False  # a compressed message (permessage-deflate)
 
     @property
     def close_code(self) -> int | None:
@@ -68,7 +91,7 @@ class RawClient:
             elif n == 127:
                 (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
             payload = await self.reader.readexactly(n)
-        return Frame(b0 & 0x0F, payload, bool(b0 & 0x80))
+        return Frame(b0 & 0x0F, payload, bool(b0 & 0x80), bool(b0 & 0x40))
 
     async def read_until_close(self, timeout: float = 5.0) -> Frame | None:
         """Frames until a close frame (returned) or EOF (None)."""

@@ -8,6 +8,7 @@ import queue
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -218,3 +219,35 @@ def test_bad_arguments_are_refused() -> None:
         loop.reading(0, True)
     with pytest.raises(OSError):
         loop.add(10**6, 0, 0, False, b"")  # not an open descriptor
+
+
+def compressed_tick(age_ns: int, pad: int = 2000) -> bytes:
+    """A data frame as the gateway sends it to a permessage-deflate client:
+    RSV1 set, the message deflated (no context takeover, trailer stripped)."""
+    ts = time.monotonic_ns() + OFFSET - age_ns
+    body = b'{"seq":1,"data":{"t":%d,"k":0,"p":"%s"}}' % (ts, b"x" * pad)
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    frame = server_frame(1, (c.compress(body) + c.flush(zlib.Z_SYNC_FLUSH))[:-4])
+    return bytes([frame[0] | 0x40]) + frame[1:]
+
+
+def test_compressed_frames_are_inflated_far_enough_to_time_them(harness: Harness) -> None:
+    peer = harness.add()
+    harness.start()
+    peer.sendall(compressed_tick(0) + tick(0) + compressed_tick(50_000_000, pad=10))
+    harness.wait_frames(0, 3)
+    hist = harness.counts[0]
+    assert sum(hist) == 3
+    aged = [i for i, c in enumerate(hist) if c and bench.bucket_upper_ns(i) >= 50_000_000]
+    assert len(aged) == 1 and bench.bucket_upper_ns(aged[0]) < 60_000_000
+    # A compressed frame that does not inflate is handed to Python, untimed.
+    peer.sendall(bytes([0xC1, 4]) + b"\xff\xff\xff\xff")
+    slot, kind, first, payload = harness.event()
+    assert (slot, kind, first, payload) == (0, 0, 0xC1, b"\xff\xff\xff\xff")
+
+
+def test_the_python_receiver_times_compressed_frames_too() -> None:
+    frame = compressed_tick(0)
+    assert frame[1] < 126  # a short header: the payload follows two bytes
+    head = bench.inflate_head(frame[2:])
+    assert head.startswith(b'{"seq":1,"data":{"t":') and len(head) == bench.INFLATE_HEAD

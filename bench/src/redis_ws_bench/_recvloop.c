@@ -30,6 +30,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define LINEAR 4096
 #define SUB_BITS 11
@@ -40,6 +41,10 @@
 #define READ_SIZE (256 * 1024)
 #define MAX_EVENTS 256
 #define WAKE_SLOT UINT32_MAX
+/* Of a compressed message (permessage-deflate, RSV1), only this much is
+ * inflated: the timestamp is near the start, and the receivers must stay far
+ * cheaper per frame than the gateway they measure. */
+#define INFLATE_HEAD 256
 
 typedef struct {
     int fd;
@@ -73,7 +78,35 @@ typedef struct {
     char *buf;
     size_t buf_cap;
     PyObject *callback;
+    z_stream zs; /* raw inflate, reset for each compressed message */
+    int zs_ready;
+    unsigned char head[INFLATE_HEAD];
 } Loop;
+
+/* The first bytes of a compressed message's text (at most INFLATE_HEAD), or
+ * -1 if they cannot be inflated. No context takeover: a fresh window each. */
+static Py_ssize_t
+inflate_head(Loop *self, const unsigned char *data, size_t len)
+{
+    if (!self->zs_ready) {
+        memset(&self->zs, 0, sizeof(self->zs));
+        if (inflateInit2(&self->zs, -15) != Z_OK) {
+            return -1;
+        }
+        self->zs_ready = 1;
+    } else if (inflateReset(&self->zs) != Z_OK) {
+        return -1;
+    }
+    self->zs.next_in = (unsigned char *)data;
+    self->zs.avail_in = (uInt)len;
+    self->zs.next_out = self->head;
+    self->zs.avail_out = INFLATE_HEAD;
+    int rc = inflate(&self->zs, Z_SYNC_FLUSH);
+    if (rc != Z_OK && rc != Z_STREAM_END && rc != Z_BUF_ERROR) {
+        return -1;
+    }
+    return (Py_ssize_t)(INFLATE_HEAD - self->zs.avail_out);
+}
 
 static Py_ssize_t
 bucket_of(int64_t units)
@@ -168,17 +201,28 @@ scan(Loop *self, Py_ssize_t i, const unsigned char *data, size_t n)
         }
         size_t end = start + (size_t)ln;
         const unsigned char *hit = NULL;
-        if (data[pos] == 0x81) {
-            hit = memmem(data + start, ln, self->needle, self->needle_len);
+        /* The text the timestamp is looked for in: the payload, or the
+         * inflated head of a compressed one (first byte 0xC1: RSV1 set). */
+        const unsigned char *body = data + start;
+        size_t blen = (size_t)ln;
+        if (data[pos] == 0xC1) {
+            Py_ssize_t got = inflate_head(self, body, blen);
+            if (got >= 0) {
+                body = self->head;
+                blen = (size_t)got;
+                hit = memmem(body, blen, self->needle, self->needle_len);
+            }
+        } else if (data[pos] == 0x81) {
+            hit = memmem(body, blen, self->needle, self->needle_len);
         }
         int timed = 0;
         if (hit != NULL) {
-            size_t at = (size_t)(hit - data) + (size_t)s->skip;
-            if (at + (size_t)self->ts_digits <= end) {
+            size_t at = (size_t)(hit - body) + (size_t)s->skip;
+            if (at + (size_t)self->ts_digits <= blen) {
                 uint64_t ts = 0;
                 timed = 1;
                 for (int k = 0; k < self->ts_digits; k++) {
-                    unsigned d = (unsigned)data[at + k] - '0';
+                    unsigned d = (unsigned)body[at + k] - '0';
                     if (d > 9) {
                         timed = 0;
                         break;
@@ -314,6 +358,9 @@ Loop_dealloc(Loop *self)
     free(self->slow);
     free(self->pacing);
     free(self->buf);
+    if (self->zs_ready) {
+        inflateEnd(&self->zs);
+    }
     Py_XDECREF(self->callback);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,30 @@ NBUCKETS: Final = LINEAR + OCTAVES * SUB
 UNIT_SHIFT: Final = 10
 
 WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# --deflate: what the receivers offer, as browsers do (docs/PROTOCOL.md).
+DEFLATE_OFFER: Final = "permessage-deflate; client_max_window_bits"
+# Of a compressed message only its head is inflated: the timestamp is in it
+# (as in _recvloop.c, INFLATE_HEAD).
+INFLATE_HEAD: Final = 256
+
+
+def inflate_head(payload: bytes) -> bytes:
+    """The first INFLATE_HEAD bytes of a compressed message (RSV1), b"" if
+    it does not inflate."""
+    try:
+        return zlib.decompressobj(-15).decompress(payload, INFLATE_HEAD)
+    except zlib.error:
+        return b""
+
+
+def inflate(payload: bytes) -> bytes:
+    d = zlib.decompressobj(-15)
+    try:
+        return d.decompress(payload + b"\x00\x00\xff\xff") + d.flush()
+    except zlib.error:
+        return b""
+
+
 IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PR_SET_PDEATHSIG: Final = 1
 
@@ -228,6 +253,7 @@ class Receiver(asyncio.Protocol):
         "buf",
         "channels",
         "close_code",
+        "deflated",
         "frames",
         "group",
         "key",
@@ -286,6 +312,8 @@ class Receiver(asyncio.Protocol):
         self.frames = 0
         self.state = HANDSHAKE
         self.close_code: int | None = None
+        # The gateway answered the upgrade with permessage-deflate.
+        self.deflated = False
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Set while the C receive loop reads this socket (NativeReceive).
@@ -338,12 +366,22 @@ class Receiver(asyncio.Protocol):
             end = start + ln
             if end > n:
                 break
-            i = data.find(NEEDLE, start, end) if data[pos] == 0x81 else -1
+            first = data[pos]
+            text = data
+            if first == 0x81:
+                i = data.find(NEEDLE, start, end)
+            elif first == 0xC1:  # compressed (RSV1): the head, inflated
+                text = inflate_head(data[start:end])
+                i = text.find(NEEDLE)
+                if i >= 0 and i + skip + TS_DIGITS > len(text):
+                    i = -1
+            else:
+                i = -1
             if i < 0:
-                self._control(data[pos], data[start:end])
+                self._control(first, data[start:end])
             else:
                 i += skip
-                u = (nowx - int(data[i : i + TS_DIGITS])) >> UNIT_SHIFT
+                u = (nowx - int(text[i : i + TS_DIGITS])) >> UNIT_SHIFT
                 if 0 <= u < LINEAR:
                     counts[u] += 1
                 else:
@@ -395,6 +433,10 @@ class Receiver(asyncio.Protocol):
         accept = base64.b64encode(hashlib.sha1(self.key + WS_GUID).digest())
         for line in lines[1:]:
             name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-extensions":
+                self.deflated = b"permessage-deflate" in value.lower()
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
             if name.strip().lower() == b"sec-websocket-accept":
                 if value.strip() == accept:
                     return None
@@ -443,6 +485,8 @@ class Receiver(asyncio.Protocol):
 
     def _control(self, first: int, payload: bytes) -> None:
         opcode = first & 0x0F
+        if first & 0x40:
+            payload = inflate(payload)
         if opcode == 9:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(client_frame(10, payload))
@@ -554,20 +598,25 @@ class WsTarget:
     path: str
     token: str | None = None
     skip: int = len(NEEDLE)
+    deflate: bool = False  # offer permessage-deflate (--deflate)
 
     @classmethod
-    def from_url(cls, url: str, token: str | None = None, skip: int = len(NEEDLE)) -> WsTarget:
+    def from_url(
+        cls, url: str, token: str | None = None, skip: int = len(NEEDLE), deflate: bool = False
+    ) -> WsTarget:
         u = urlparse(url)
         if u.scheme != "ws":
             raise ValueError(f"only ws:// URLs are supported, not {url!r}")
         path = u.path or "/"
         if u.query:
             path += "?" + u.query
-        return cls(u.hostname or "127.0.0.1", u.port or 80, path, token, skip)
+        return cls(u.hostname or "127.0.0.1", u.port or 80, path, token, skip, deflate)
 
     def request(self) -> tuple[bytes, bytes]:
         key = base64.b64encode(os.urandom(16))
         auth = f"Authorization: Bearer {self.token}\r\n" if self.token else ""
+        if self.deflate:
+            auth += f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n"
         req = (
             f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -924,11 +973,12 @@ class Target:
     child: Child | None = None
     pid: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    deflate: bool = False  # the receivers offer permessage-deflate (--deflate)
 
     @property
     def ws(self) -> WsTarget:
         skip = len(NEEDLE) + (1 if self.kind == "naive" else 0)
-        return WsTarget.from_url(self.url, skip=skip)
+        return WsTarget.from_url(self.url, skip=skip, deflate=self.deflate)
 
     def cpu(self) -> float | None:
         return proc_cpu(self.pid) if self.pid else None
@@ -1022,6 +1072,33 @@ def make_payload(ts: int, k: int, pad: bytes) -> bytes:
     return b'{"t":%d,"k":%d,"pad":"%s"}' % (ts, k, pad)
 
 
+def make_tick(ts: int, k: int, book: bytes) -> bytes:
+    """--payload-bytes: a tick with an order book, compressible as real
+    market data is (repeated keys and venues, prices and sizes that vary),
+    unlike the default's run of "x"."""
+    return b'{"t":%d,"k":%d,"sym":"ACME","book":%s}' % (ts, k, book)
+
+
+def tick_book(size: int) -> bytes:
+    """The order book that makes make_tick's payload about ``size`` bytes."""
+    rng = random.Random(7)
+    levels: list[dict[str, Any]] = []
+    book = b"[]"
+    while True:
+        levels.append(
+            {
+                "px": round(187.25 + rng.uniform(-0.5, 0.5), 2),
+                "qty": rng.randrange(1, 5000),
+                "venue": rng.choice(("XNAS", "ARCX", "BATS", "IEXG", "EDGX")),
+                "side": rng.choice(("bid", "ask")),
+            }
+        )
+        more = json.dumps(levels, separators=(",", ":")).encode()
+        if len(make_tick(OFFSET, 0, more)) > size + 8:
+            return book
+        book = more
+
+
 def publisher_main(cfg: dict[str, Any]) -> int:
     """Publish ``rate`` msg/s round-robin over channels for ``duration`` s.
 
@@ -1057,6 +1134,9 @@ def publisher_main(cfg: dict[str, Any]) -> int:
     total = max(1, round(rate * float(cfg["duration"])))
     size = int(cfg.get("size", 200))
     pad = b"x" * max(0, size - len(make_payload(OFFSET, total, b"")))
+    make: Callable[[int, int, bytes], bytes] = make_payload
+    if cfg.get("tick"):
+        make, pad = make_tick, tick_book(size)
     nch = len(channels)
     counts = [0] * nch
     print(json.dumps({"ready": True}), flush=True)
@@ -1079,7 +1159,7 @@ def publisher_main(cfg: dict[str, Any]) -> int:
             out = []
             for k in range(sent, due):
                 ci = k % nch
-                payload = make_payload(monotonic_ns() + OFFSET, k, pad)
+                payload = make(monotonic_ns() + OFFSET, k, pad)
                 out.append(heads[ci] + b"$%d\r\n%s\r\n" % (len(payload), payload))
                 counts[ci] += 1
             conn.send_packed_command([b"".join(out)], check_health=False)  # type: ignore[no-untyped-call]
@@ -1111,7 +1191,7 @@ def publisher_main(cfg: dict[str, Any]) -> int:
         "batches": batches,
         "wall_s": round(wall, 4),
         "cpu_s": round(time.process_time() - cpu0, 4),
-        "size": len(make_payload(OFFSET, total - 1, pad)),
+        "size": len(make(OFFSET, total - 1, pad)),
     }
     print(json.dumps(result), flush=True)
     client.connection_pool.release(conn)
@@ -1132,14 +1212,17 @@ class Publisher:
         rate: float,
         duration: float,
         xadd: Sequence[str] = (),
+        tick_bytes: int | None = None,
     ) -> None:
-        cfg = {
+        cfg: dict[str, Any] = {
             "redis_url": redis_url,
             "channels": list(channels),
             "rate": rate,
             "duration": duration,
             "xadd": list(xadd),
         }
+        if tick_bytes is not None:
+            cfg |= {"size": tick_bytes, "tick": True}
         self.proc = await spawn_helper("_publish", cfg)
         assert self.proc.stdout is not None
         async with asyncio.timeout(30):
@@ -1471,6 +1554,8 @@ class Options:
     # --gateway-env: settings for every gateway the bench starts (an A/B of
     # one setting within one build), over the workload's own.
     gateway_env: dict[str, str] = field(default_factory=dict)
+    deflate: bool = False
+    payload_bytes: int | None = None
 
 
 class Bench:
@@ -1493,10 +1578,13 @@ class Bench:
 
     async def target(self, kind: str, label: str, env: dict[str, str] | None = None) -> Target:
         if kind == "gateway" and self.o.url:
-            return Target("gateway", self.o.url, None, self.o.gateway_pid)
+            return Target("gateway", self.o.url, None, self.o.gateway_pid, deflate=self.o.deflate)
         if kind == "gateway":
             env = {**(env or {}), **self.o.gateway_env}
         t = await start_target(kind, self.redis_url, self.workdir, label, env or {})
+        # Only the gateway's receivers offer compression: the references
+        # (the floor, the naive baseline) are measured as they always were.
+        t.deflate = self.o.deflate and kind == "gateway"
         self.nofile[f"{kind}-{label}"] = proc_nofile(t.pid or 0)
         return t
 
@@ -1566,7 +1654,7 @@ class Bench:
             g.reset()
         base = [r.frames for r in receivers]
         pub = Publisher()
-        await pub.prepare(self.redis_url, channels, rate, duration, xadd)
+        await pub.prepare(self.redis_url, channels, rate, duration, xadd, self.o.payload_bytes)
         stop_slow = asyncio.Event()
         slow_task: asyncio.Task[None] | None = None
         sampler: asyncio.Task[None] | None = None
@@ -1575,6 +1663,8 @@ class Bench:
             slow_task = asyncio.create_task(_slow_readers(slow, *slow_cycle, stop_slow))
             port = target.ws.port
             sampler = asyncio.create_task(_sample_send_queues(port, queues, stop_slow))
+        ws = target.ws
+        sent_before = await sent_counters(ws.host, ws.port) if target.kind == "gateway" else None
         before = snap(target, self.redis_child)
         run = asyncio.create_task(pub.run())
         extra = asyncio.create_task(on_running()) if on_running is not None else None
@@ -1614,6 +1704,7 @@ class Bench:
                 break
             await asyncio.sleep(0.05)
         after = snap(target, self.redis_child)
+        sent_after = await sent_counters(ws.host, ws.port) if sent_before is not None else None
         self.sync()
         if extra is not None:
             with contextlib.suppress(Exception):
@@ -1623,6 +1714,19 @@ class Bench:
         )
         if slow:
             res["kernel_send_queue"] = queues
+        if sent_before is not None and sent_after is not None:
+            frames = sent_after[0] - sent_before[0]
+            size = sent_after[1] - sent_before[1]
+            res["wire"] = {
+                "frames": frames,
+                "bytes": size,
+                "bytes_per_frame": round(size / frames, 1) if frames else None,
+                "deflate_clients": sum(1 for r in receivers if r.deflated),
+            }
+            log(
+                f"  {label}: {res['wire']['bytes_per_frame']} bytes per frame on the wire,"
+                f" {res['wire']['deflate_clients']} deflate clients"
+            )
         return res
 
     def _step_result(
@@ -2973,6 +3077,31 @@ def summarize_speedscope(path: Path, top: int = 15) -> dict[str, Any]:
     }
 
 
+async def sent_counters(host: str, port: int) -> tuple[int, int] | None:
+    """Frames and bytes the gateway wrote to clients so far (its /metrics),
+    None if it has no such counters."""
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://{host}:{port}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
+            if r.status != 200:
+                return None
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        for key in ("frames", "bytes"):
+            if line.startswith(f"redis_ws_gateway_{key}_sent_total "):
+                found[key] = int(float(line.rsplit(" ", 1)[1]))
+    if len(found) < 2:
+        return None
+    return found["frames"], found["bytes"]
+
+
 async def slow_consumer_counters(host: str, port: int) -> dict[str, Any] | None:
     """The gateway's slow-consumer counters from its /metrics (None if it has
     none, e.g. the naive gateway or the floor)."""
@@ -3674,6 +3803,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         " the asyncio Protocols (default: %(default)s)",
     )
     p.add_argument(
+        "--deflate",
+        action="store_true",
+        help="the receivers offer permessage-deflate (the gateway compresses for them when"
+        " WS_COMPRESSION allows; the report gives bytes on the wire per frame)",
+    )
+    p.add_argument(
+        "--payload-bytes",
+        type=int,
+        help="publish ticks with an order book of about this size instead of the default"
+        " 200-byte payload padded with x (compressible as market data is)",
+    )
+    p.add_argument(
         "--retries",
         type=int,
         default=1,
@@ -3713,6 +3854,8 @@ def _options(args: argparse.Namespace) -> Options:
         storm_clients=args.storm_clients,
         storm_seconds=args.storm_seconds,
         w6_rate=args.w6_rate,
+        deflate=bool(args.deflate),
+        payload_bytes=None if args.payload_bytes is None else max(64, int(args.payload_bytes)),
     )
 
 

@@ -113,6 +113,12 @@ class Settings:
     subscribe_timeout_seconds: float = 5.0
     ws_ping_interval_seconds: float = 20.0
     ws_max_message_bytes: int = 65536
+    # permessage-deflate (RFC 7692) for clients that offer it: each data
+    # message of at least ws_compression_min_bytes is compressed once per
+    # topic and shared by the topic's deflate clients (docs/PROTOCOL.md).
+    ws_compression: bool = True
+    ws_compression_min_bytes: int = 512
+    ws_compression_level: int = 1
     redis_connect_timeout_seconds: float = 3.0
     redis_health_check_interval_seconds: float = 1.0
     redis_health_check_timeout_seconds: float = 3.0
@@ -339,6 +345,9 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "SUBSCRIBE_TIMEOUT_SECONDS": ("subscribe_timeout_seconds", _float_range(0.01, 600)),
     "WS_PING_INTERVAL_SECONDS": ("ws_ping_interval_seconds", _float_range(0.05, 3600)),
     "WS_MAX_MESSAGE_BYTES": ("ws_max_message_bytes", _int_range(256, 16 * 1024 * 1024)),
+    "WS_COMPRESSION": ("ws_compression", _parse_bool),
+    "WS_COMPRESSION_MIN_BYTES": ("ws_compression_min_bytes", _int_range(0, 16 * 1024 * 1024)),
+    "WS_COMPRESSION_LEVEL": ("ws_compression_level", _int_range(1, 9)),
     "REDIS_CONNECT_TIMEOUT_SECONDS": ("redis_connect_timeout_seconds", _float_range(0.05, 600)),
     "REDIS_HEALTH_CHECK_INTERVAL_SECONDS": (
         "redis_health_check_interval_seconds",

@@ -71,6 +71,8 @@ class Server:
             default_policy=settings.default_policy,
             slow_consumer_grace=settings.slow_consumer_grace_seconds,
             native_writes=settings.native_writes,
+            compression_min_bytes=settings.ws_compression_min_bytes,
+            compression_level=settings.ws_compression_level,
         )
         self.upstream = Upstream(
             settings.redis_url,

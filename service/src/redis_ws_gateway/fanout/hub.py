@@ -66,6 +66,7 @@ class Topic(Recipients[Session]):
         "sessions",
         "sharded",
         "waiters",
+        "zipped",
     )
 
     def __init__(self, kind: Kind, name: str) -> None:
@@ -87,6 +88,43 @@ class Topic(Recipients[Session]):
         self.sharded = False
         # The data-frame prefix of an exact channel never changes: encode once.
         self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
+        # The subscribers that negotiated permessage-deflate, apart: they get
+        # the compressed frame (built once for all of them), the others (this
+        # Recipients itself) the plain one. None while there are none, so a
+        # topic without them costs one check per message.
+        self.zipped: Recipients[Session] | None = None
+
+    # Recipients, split once more: deflate clients go to ``zipped``.
+
+    def add(self, client: Session) -> None:
+        if not client.deflate:
+            super().add(client)
+            return
+        zipped = self.zipped
+        if zipped is None:
+            zipped = self.zipped = Recipients()
+        zipped.add(client)
+
+    def remove(self, client: Session) -> None:
+        if not client.deflate:
+            super().remove(client)
+            return
+        zipped = self.zipped
+        if zipped is not None:
+            zipped.remove(client)
+            if not zipped.direct and not zipped.indirect:
+                self.zipped = None
+
+    def set_direct(self, client: Session, on: bool) -> None:
+        if not client.deflate:
+            super().set_direct(client, on)
+        elif self.zipped is not None:
+            self.zipped.set_direct(client, on)
+
+    def unsettled(self, client: Session) -> tuple[int, int]:
+        if not client.deflate:
+            return super().unsettled(client)
+        return (0, 0) if self.zipped is None else self.zipped.unsettled(client)
 
     def join(self, session: Session) -> None:
         if session in self.sessions:
@@ -117,10 +155,17 @@ class Hub:
         default_policy: Policy,
         slow_consumer_grace: float,
         native_writes: bool = True,
+        compression_min_bytes: int = 512,
+        compression_level: int = 1,
     ) -> None:
         # The direct writes' loop: C (the _fanout extension) unless it was
         # not built or the NATIVE_WRITES setting turns it off.
         self.write_each = writer.select(native_writes)
+        # Data messages this long or longer are compressed (once per topic)
+        # for deflate clients; shorter ones go to them uncompressed.
+        self.compression_min_bytes = compression_min_bytes
+        self.compression_level = compression_level
+        self.compressed = 0  # messages compressed (once each, for all)
         self.upstream: Upstream | None = None
         self.sharded: ShardedUpstream | None = None
         self.sharded_patterns: tuple[str, ...] = ()
@@ -151,6 +196,8 @@ class Hub:
         self._run: Topic | None = None
         self._run_channel = b""
         self._run_frames: list[bytes] = []
+        # The same run's frames for its deflate subscribers, if it has any.
+        self._run_zframes: list[bytes] = []
 
     # --- bookkeeping ----------------------------------------------------------
 
@@ -297,13 +344,17 @@ class Hub:
         topic.seq += 1
         self._routed = True
         body, is_b64 = protocol.payload_json(payload)
-        frame = protocol.text_frame(
-            protocol.data_message(topic.prefix, topic.seq, body, is_b64, offset=entry_id)
-        )
+        message = protocol.data_message(topic.prefix, topic.seq, body, is_b64, offset=entry_id)
+        frame = protocol.text_frame(message)
         policy: Policy = "disconnect"  # durable entries are never dropped silently
         key = (topic, b"")
+        if topic.zipped is None:
+            for session in topic.sessions:
+                session.deliver(frame, key, policy)
+            return
+        zframe = self._zframe(message, frame)
         for session in topic.sessions:
-            session.deliver(frame, key, policy)
+            session.deliver(zframe if session.deflate else frame, key, policy)
 
     def _attach(self, session: Session, topic: Topic) -> None:
         topic.join(session)
@@ -484,13 +535,19 @@ class Hub:
         topic.seq += 1
         self._routed = True
         body, is_b64 = protocol.payload_json(payload)
-        frame = protocol.text_frame(protocol.data_message(prefix, topic.seq, body, is_b64))
+        message = protocol.data_message(prefix, topic.seq, body, is_b64)
+        frame = protocol.text_frame(message)
+        zipped = topic.zipped
+        # For deflate subscribers: compressed once here, for all of them.
+        zframe = frame if zipped is None else self._zframe(message, frame)
         if self.tracer is not None and b'"traceparent"' in payload:
             self._trace_delivery(channel, pattern, payload, len(topic.sessions))
         run = self._run
         if run is not None:
             if run is topic and pattern is None:
                 self._run_frames.append(frame)
+                if zipped is not None:
+                    self._run_zframes.append(zframe)
                 return
             self._end_run(write=False)
         if pattern is None and channel in self._repeated:
@@ -500,6 +557,8 @@ class Hub:
             self._run = topic
             self._run_channel = channel
             self._run_frames = [frame]
+            if zipped is not None:
+                self._run_zframes = [zframe]
             return
         policy = self.policy_for(channel)
         key = (topic, channel)
@@ -510,16 +569,33 @@ class Hub:
                 # direct subscriber gets it now, from one write_each call,
                 # with no Python per recipient (writer.Recipients).
                 topic.write(self.write_each, frame, (frame,), key, policy)
+                if zipped is not None:
+                    zipped.write(self.write_each, zframe, (zframe,), key, policy)
             else:
                 # Some session holds a frame routed earlier in this read:
                 # this one goes behind it, into every subscriber's batch.
-                self._to_batches(topic, (frame,), key, policy)
+                self._to_batches(
+                    topic, (frame,), key, policy, None if zipped is None else (zframe,)
+                )
         else:
             name = channel.decode("utf-8", "surrogateescape")
+            if zipped is None:
+                for session in topic.sessions:
+                    # Second wall: a pattern may match channels the role may not read.
+                    if session.principal.may_read(name):
+                        session.deliver(frame, key, policy)
+                return
             for session in topic.sessions:
-                # Second wall: a pattern may match channels the role may not read.
                 if session.principal.may_read(name):
-                    session.deliver(frame, key, policy)
+                    session.deliver(zframe if session.deflate else frame, key, policy)
+
+    def _zframe(self, message: bytes, frame: bytes) -> bytes:
+        """The frame of ``message`` for deflate clients: compressed when it
+        is long enough to be worth it, else ``frame`` (uncompressed)."""
+        if len(message) < self.compression_min_bytes:
+            return frame
+        self.compressed += 1
+        return protocol.deflate_frame(message, self.compression_level)
 
     def _trace_delivery(
         self, channel: bytes, pattern: bytes | None, payload: bytes, recipients: int
@@ -555,31 +631,57 @@ class Hub:
         self._run_frames = []
         key = (topic, self._run_channel)
         policy = self.policy_for(self._run_channel)
+        zipped = topic.zipped
+        zframes: list[bytes] | None = None
+        if zipped is not None:
+            zframes = self._run_zframes
+            self._run_zframes = []
+            if len(zframes) != len(frames):
+                zframes = frames  # deflate clients joined mid-run: plain frames suit them
         if write:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             topic.write(self.write_each, data, frames, key, policy)
+            if zipped is not None and zframes is not None:
+                zdata = zframes[0] if len(zframes) == 1 else b"".join(zframes)
+                zipped.write(self.write_each, zdata, zframes, key, policy)
         else:
-            self._to_batches(topic, frames, key, policy)
+            self._to_batches(topic, frames, key, policy, zframes)
 
     def _to_batches(
-        self, topic: Topic, frames: Sequence[bytes], key: tuple[Topic, bytes], policy: Policy
+        self,
+        topic: Topic,
+        frames: Sequence[bytes],
+        key: tuple[Topic, bytes],
+        policy: Policy,
+        zframes: Sequence[bytes] | None = None,
     ) -> None:
         """``frames`` into each subscriber's batch, behind what it holds from
         earlier in the read (on_batch_end writes each batch at once);
         Session.deliver inlined but for lagging subscribers, which get each
-        frame through their policy after the others."""
+        frame through their policy after the others. ``zframes``: the same
+        for deflate subscribers, when the topic has any."""
         dirty = self._dirty
         lagging: list[Session] = []
-        for session in topic.sessions:
-            if session.lagging:
-                lagging.append(session)
-                continue
-            batch = session.batch
-            if not batch:
-                dirty.append(session)
-            batch.extend(frames)
+        if zframes is None:
+            for session in topic.sessions:
+                if session.lagging:
+                    lagging.append(session)
+                    continue
+                batch = session.batch
+                if not batch:
+                    dirty.append(session)
+                batch.extend(frames)
+        else:
+            for session in topic.sessions:
+                if session.lagging:
+                    lagging.append(session)
+                    continue
+                batch = session.batch
+                if not batch:
+                    dirty.append(session)
+                batch.extend(zframes if session.deflate else frames)
         for session in lagging:
-            for frame in frames:
+            for frame in zframes if zframes is not None and session.deflate else frames:
                 session.deliver(frame, key, policy)
 
     def on_batch_end(self) -> None:

@@ -56,6 +56,7 @@ class Session:
         "bytes_sent",
         "closing",
         "conflated",
+        "deflate",
         "direct",
         "dropped",
         "fd",
@@ -87,8 +88,12 @@ class Session:
         on_lagging: Callable[[Session], None],
         close: Callable[[Session, int, str], None],
         fd: int = -1,
+        deflate: bool = False,
     ) -> None:
         self.id = session_id
+        # permessage-deflate was negotiated: data frames from the hub may be
+        # compressed ones (RSV1); control frames and replies never are.
+        self.deflate = deflate
         self.transport = transport
         # The socket's descriptor for direct writes; -1: always the transport.
         self.fd = fd

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.frame_protocol import FrameProtocol
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 
 from redis_ws_gateway.security.limits import TokenBucket, WireBudget
 from redis_ws_wire import Close
@@ -95,6 +97,63 @@ def _announced(parser: Connection) -> int:
     decoder = parser._proto._frame_decoder
     header = decoder.header
     return 0 if header is None else int(header.payload_len) - int(decoder.payload_consumed)
+
+
+class Inflate(PerMessageDeflate):
+    """permessage-deflate for what a client sends, as the upgrade negotiated
+    it (protocol.DEFLATE_RESPONSE): no context takeover, so each message is
+    inflated by a decompressor of its own, dropped at the message's end, and
+    an idle connection keeps no window.
+
+    wsproto's own inflates a frame's payload whole, however large it grows;
+    this one never produces more than ``limit`` bytes for one message (the
+    per-message limit, applied to the inflated size): past it the frame is
+    refused with 1009 before the rest is inflated.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(client_no_context_takeover=True, server_no_context_takeover=True)
+        self._enabled = True
+        self.limit = limit  # 0: none
+        self.inflated = 0
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        decompressor = self._decompressor
+        assert decompressor is not None
+        limit = self.limit
+        try:
+            if limit:
+                out = decompressor.decompress(data, limit - self.inflated + 1)
+            else:
+                out = decompressor.decompress(data)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self.inflated += len(out)
+        if limit and (self.inflated > limit or decompressor.unconsumed_tail):
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(data)
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        if not fin or not self._inbound_is_compressible:
+            # A control frame between fragments leaves the message's state be.
+            return None
+        if not self._inbound_compressed:
+            self._inbound_compressed = None
+            return None
+        out = self._inflate(b"\x00\x00\xff\xff")
+        self._decompressor = None
+        self._inbound_compressed = None
+        self.inflated = 0
+        return out
 
 
 class Limits:
@@ -313,7 +372,11 @@ class WsConnection(asyncio.Protocol):
         self.last_seen = now = asyncio.get_running_loop().time()
         parser = self.parser
         if parser is None:
-            parser = self.parser = Connection(ConnectionType.SERVER)
+            if self.session.deflate:
+                parser = Connection(ConnectionType.SERVER, [Inflate(self.limits.max_size)])
+            else:
+                parser = Connection(ConnectionType.SERVER)
+            self.parser = parser
         parser.receive_data(data)
         self.budget_tat = self.limits.budget.spend(self.budget_tat, now, 0, len(data))
         self._parse()

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from opentelemetry.trace import Tracer
 
 from redis_ws_gateway.config import Settings, SnapshotRule, origin_key
@@ -196,11 +196,20 @@ class WsHandler:
         # frames and closing are the WsConnection's (heartbeat off here).
         ws = web.WebSocketResponse(
             max_msg_size=s.ws_max_message_bytes,
+            # aiohttp's own negotiation would answer server_no_context_takeover
+            # only when the client asks; the gateway always needs it (one
+            # compressed frame for every client), so it answers itself.
             compress=False,
             # Only our protocol name is ever echoed, never the token a browser
             # put in Sec-WebSocket-Protocol.
             protocols=(SUBPROTOCOL,) if via_protocol else (),
         )
+        deflate = s.ws_compression and (
+            protocol.accept_deflate(request.headers.get(hdrs.SEC_WEBSOCKET_EXTENSIONS)) is not None
+        )
+        if deflate:
+            # Kept by prepare(), which adds the handshake's headers to these.
+            ws.headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = protocol.DEFLATE_RESPONSE
         transport = request.transport
         if transport is None or not ws.can_prepare(request).ok:
             # A malformed upgrade: aiohttp refuses it as it always did.
@@ -225,6 +234,7 @@ class WsHandler:
             # Client sockets are plain TCP (TLS ends at the ingress), so
             # frames may go to the descriptor itself (fanout/writer.py).
             fd=socket_fd(transport),
+            deflate=deflate,
         )
         conn = WsConnection(
             self,

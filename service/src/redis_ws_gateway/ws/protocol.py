@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import struct
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -300,12 +301,17 @@ _LEN8: Final = struct.Struct("!BBQ").pack
 _FIN_TEXT: Final = 0x81
 
 
+_FIN_TEXT_RSV1: Final = 0xC1  # FIN, RSV1 (a compressed message), opcode 1
+
+
 def text_frame(body: bytes) -> bytes:
     """One complete unmasked server-to-client text frame (RFC 6455 section 5.2).
 
     aiohttp can only write a frame to one socket; a message going to many
     clients needs its frame as bytes, built once and written to each transport.
-    No extension is negotiated (compression is off), so the header is fixed.
+    RSV1 is clear: the message is not compressed, which RFC 7692 allows on a
+    connection that negotiated permessage-deflate too, so this frame suits
+    every client.
     """
     n = len(body)
     if n < 126:
@@ -313,3 +319,90 @@ def text_frame(body: bytes) -> bytes:
     if n < 65536:
         return _LEN2(_FIN_TEXT, 126, n) + body
     return _LEN8(_FIN_TEXT, 127, n) + body
+
+
+# --- permessage-deflate (RFC 7692) --------------------------------------------
+
+# The gateway's answer to every offer it accepts. No context takeover on
+# either side: each message is compressed on its own, so one compressed frame
+# serves every client of a topic (text_frame's reason, for deflate clients),
+# and a client's messages are inflated with no window kept per connection.
+DEFLATE_RESPONSE: Final = (
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+)
+_DEFLATE_FLAGS: Final = frozenset({"server_no_context_takeover", "client_no_context_takeover"})
+
+
+def accept_deflate(offers: str | None) -> str | None:
+    """The Sec-WebSocket-Extensions answer to a client's offers (the header's
+    value): DEFLATE_RESPONSE when one of them is a permessage-deflate offer
+    the gateway can honour, else None (no extension).
+
+    Declined: unknown or repeated parameters, and server_max_window_bits
+    below 15. A compressed frame is shared by every client of a topic, so a
+    client cannot have a window of its own; a smaller window would have to
+    hold for all of them. client_max_window_bits is accepted with any value
+    and not answered: the gateway inflates with the largest window.
+    """
+    if not offers:
+        return None
+    for offer in offers.split(","):
+        name, *params = offer.split(";")
+        if name.strip().lower() == "permessage-deflate" and _deflate_params_ok(params):
+            return DEFLATE_RESPONSE
+    return None
+
+
+def _deflate_params_ok(params: Sequence[str]) -> bool:
+    seen: set[str] = set()
+    for param in params:
+        key, eq, raw = param.partition("=")
+        key = key.strip().lower()
+        value = raw.strip().strip('"')
+        if not key and not eq:
+            continue  # a stray ";"
+        if key in seen:
+            return False
+        seen.add(key)
+        if key in _DEFLATE_FLAGS:
+            if eq:
+                return False
+        elif key == "client_max_window_bits":
+            if eq and not (value.isdigit() and 8 <= int(value) <= 15):
+                return False
+        elif key == "server_max_window_bits":
+            if not (value.isdigit() and int(value) == 15):
+                return False
+        else:
+            return False
+    return True
+
+
+def deflate(body: bytes, level: int) -> bytes:
+    """``body`` compressed as one permessage-deflate message: raw DEFLATE,
+    flushed with Z_SYNC_FLUSH, less the 00 00 ff ff that flush ends with
+    (RFC 7692 section 7.2.1).
+
+    A fresh compressor per message (no context takeover), with a window no
+    larger than the message needs: a smaller window and hash table are
+    quicker to set up, produce the same output for messages that fit, and
+    any window up to 15 bits inflates with the client's 15-bit one.
+    """
+    wbits = max(9, min(15, (len(body) - 1).bit_length()))
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -wbits, max(1, min(8, wbits - 6)))
+    data = compressor.compress(body) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return data[:-4]
+
+
+def deflate_frame(body: bytes, level: int) -> bytes:
+    """``body`` as one compressed text frame (RSV1 set), or as text_frame's
+    uncompressed one when compressing does not make it smaller."""
+    data = deflate(body, level)
+    n = len(data)
+    if n >= len(body):
+        return text_frame(body)
+    if n < 126:
+        return _LEN1(_FIN_TEXT_RSV1, n) + data
+    if n < 65536:
+        return _LEN2(_FIN_TEXT_RSV1, 126, n) + data
+    return _LEN8(_FIN_TEXT_RSV1, 127, n) + data
