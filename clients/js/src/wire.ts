@@ -64,7 +64,6 @@ export const HTTP_ERROR_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(["bad
 /** WebSocket close codes the gateway sends (1006: no close frame came). */
 export const Close = {
   NORMAL: 1000,
-  GOING_AWAY: 1001,
   PROTOCOL_ERROR: 1002,
   ABNORMAL: 1006,
   INVALID_DATA: 1007,
@@ -82,7 +81,6 @@ export type CloseCode = (typeof Close)[keyof typeof Close];
 /** Each close code's short name, as the gateway's metrics and logs say it. */
 export const CLOSE_NAMES: Readonly<Record<number, string>> = {
   1000: "normal",
-  1001: "going_away",
   1002: "protocol_error",
   1006: "abnormal",
   1007: "invalid_data",

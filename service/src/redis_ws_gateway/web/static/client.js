@@ -53,7 +53,6 @@ var TRANSIENT_ERROR_CODES = /* @__PURE__ */ new Set(["rate_limited", "upstream_u
 var HTTP_ERROR_CODES = /* @__PURE__ */ new Set(["bad_channel", "bad_json", "bad_request", "forbidden", "not_found", "too_large", "unauthorized", "upstream_unavailable"]);
 var Close = {
   NORMAL: 1e3,
-  GOING_AWAY: 1001,
   PROTOCOL_ERROR: 1002,
   ABNORMAL: 1006,
   INVALID_DATA: 1007,
@@ -68,7 +67,6 @@ var Close = {
 };
 var CLOSE_NAMES = {
   1e3: "normal",
-  1001: "going_away",
   1002: "protocol_error",
   1006: "abnormal",
   1007: "invalid_data",
