@@ -412,10 +412,11 @@ export class GatewayClient {
       void this._open();
       return;
     }
-    if (!event.opened && this._transportIndex > 0) {
-      // The last one failed too: the next attempt starts from the first.
-      this._transportIndex = 0;
-    }
+    // Every reconnect starts from the first transport again: a fallback
+    // taken while the gateway was merely unreachable (a restart) must not
+    // keep the client off the WebSocket for good. Where upgrades are
+    // refused, that costs one quick refusal per reconnect.
+    this._transportIndex = 0;
     this._scheduleReconnect(event.code, event.reason);
   }
 

@@ -459,9 +459,7 @@ var GatewayClient = class {
       void this._open();
       return;
     }
-    if (!event.opened && this._transportIndex > 0) {
-      this._transportIndex = 0;
-    }
+    this._transportIndex = 0;
     this._scheduleReconnect(event.code, event.reason);
   }
   _fellBack(from, to) {
