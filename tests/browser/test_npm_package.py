@@ -179,7 +179,7 @@ def _token(roles: list[str]) -> str:
 @pytest.fixture
 async def app_gateway(redis_server: RedisServer, app_origin: str) -> AsyncIterator[RunningGateway]:
     gw = await RunningGateway(_settings(redis_server.url, app_origin)).start()
-    await gw.gateway.upstream.connected.wait()
+    await gw.server.upstream.connected.wait()
     yield gw
     await gw.stop()
 
@@ -234,7 +234,7 @@ async def test_the_react_app_survives_a_gateway_restart(
     comes back in a new epoch, which tells the app that it may have missed
     messages meanwhile."""
     first = await RunningGateway(_settings(redis_server.url, app_origin)).start()
-    await first.gateway.upstream.connected.wait()
+    await first.server.upstream.connected.wait()
     port = first.settings.port
     running = [first]
     try:
@@ -257,7 +257,7 @@ async def test_the_react_app_survives_a_gateway_restart(
 
         second = await RunningGateway(_settings(redis_server.url, app_origin, port=port)).start()
         running.append(second)
-        await second.gateway.upstream.connected.wait()
+        await second.server.upstream.connected.wait()
         await expect(page.locator("#state")).to_have_attribute("data-state", "open")
         await expect(decision).to_have_attribute("data-status", "live")
         await expect(tick).to_have_attribute("data-status", "live")

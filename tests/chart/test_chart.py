@@ -595,6 +595,54 @@ def test_ingress_keeps_websockets_open_and_terminates_tls(
             assert backend["port"]["name"] in port_names
 
 
+def _sse_paths(ingress: Manifest) -> list[Manifest]:
+    return [
+        path
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+        if path["path"] == "/sse"
+    ]
+
+
+def test_ingress_routes_sse_unbuffered(production_manifests: list[Manifest], helm: Helm) -> None:
+    """The Server-Sent Events fallback reaches the gateway on every host,
+    with the proxy's response buffering off (ingress-nginx)."""
+    ingress = one(production_manifests, "Ingress")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == (
+        "off"
+    )
+    sse = _sse_paths(ingress)
+    assert len(sse) == len(ingress["spec"]["rules"])
+    service = one(production_manifests, "Service", FULLNAME)
+    for path in sse:
+        assert path["pathType"] == "Exact"
+        assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+        assert path["backend"]["service"]["port"]["name"] == "http"
+    # Only /ws routed: /sse is added all the same, once.
+    only_ws = render(
+        helm,
+        "-f",
+        str(PRODUCTION_VALUES),
+        "--set",
+        "ingress.hosts[0].host=g.example.com",
+        "--set",
+        "ingress.hosts[0].paths[0].path=/ws",
+        "--set",
+        "ingress.hosts[0].paths[0].pathType=Exact",
+    )
+    paths = [p["path"] for p in one(only_ws, "Ingress")["spec"]["rules"][0]["http"]["paths"]]
+    assert sorted(paths) == ["/sse", "/ws"]
+    # Traefik (the kind e2e's controller) streams event streams as they are:
+    # the route, without nginx annotations.
+    kind = one(render(helm, "-f", str(KIND_VALUES)), "Ingress")
+    assert len(_sse_paths(kind)) == 2 and "annotations" not in kind["metadata"]
+    off = one(
+        render(helm, "-f", str(PRODUCTION_VALUES), "--set", "ingress.sse.enabled=false"), "Ingress"
+    )
+    assert not _sse_paths(off)
+    assert "nginx.ingress.kubernetes.io/proxy-buffering" not in off["metadata"]["annotations"]
+
+
 def test_ingress_is_off_by_default(default_manifests: list[Manifest]) -> None:
     assert not all_of(default_manifests, "Ingress")
 

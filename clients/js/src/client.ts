@@ -11,6 +11,8 @@ import type {
   UpstreamLostFrame,
 } from "./frames";
 import {
+  type EventSourceConstructor,
+  sseTransport,
   type Transport,
   type TransportFactory,
   type WebSocketConstructor,
@@ -36,6 +38,14 @@ export interface StateInfo {
   attempt?: number;
   /** Closed by a code after which reconnecting cannot help (wire.FATAL_CLOSE_CODES). */
   fatal?: boolean;
+  /** Open: the transport in use ("websocket", or "sse" after a fallback). */
+  transport?: string;
+}
+
+/** The client moved to another transport because `from` never opened. */
+export interface FallbackEvent {
+  from: string;
+  to: string;
 }
 
 /** Messages lost on one subscription: seq jumped within one epoch. */
@@ -100,6 +110,8 @@ export interface ClientEvents {
   error: (error: GatewayError | Error, context: ErrorContext) => void;
   /** Some subscription's status, epoch or membership changed: re-read subscriptions(). */
   change: () => void;
+  /** The WebSocket could not connect (a proxy refusing upgrades?): trying the next transport. */
+  fallback: (event: FallbackEvent) => void;
 }
 
 export interface GatewayClientOptions {
@@ -119,9 +131,18 @@ export interface GatewayClientOptions {
   onError?: ClientEvents["error"];
   /** A WebSocket implementation (Node's `ws`, a test double); default: the global. */
   WebSocket?: WebSocketConstructor;
+  /** An EventSource implementation for the SSE fallback; default: the global. */
+  EventSource?: EventSourceConstructor;
+  /**
+   * Fall back to Server-Sent Events (`/sse`) when the WebSocket never opens.
+   * Default true where an EventSource exists. Ignored when `transports` is given.
+   */
+  sseFallback?: boolean;
+  onFallback?: ClientEvents["fallback"];
   /**
    * Transports in order of preference. The client moves to the next one when
-   * a connection closes before it ever opened. Default: the WebSocket alone.
+   * a connection closes before it ever opened. Default: the WebSocket, then
+   * Server-Sent Events (see `sseFallback`).
    */
   transports?: TransportFactory[];
 }
@@ -197,6 +218,7 @@ export class GatewayClient {
     resubscribed: new Set(),
     error: new Set(),
     change: new Set(),
+    fallback: new Set(),
   };
   private readonly _transports: TransportFactory[];
   private _transportIndex = 0;
@@ -211,6 +233,8 @@ export class GatewayClient {
   private _retryTimer: ReturnType<typeof setTimeout> | null = null;
   private _stableTimer: ReturnType<typeof setTimeout> | undefined = undefined;
   private _openWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
+  private _warned = false;
+  private _fallingFrom: string | null = null;
 
   constructor(url: string, options: GatewayClientOptions = {}) {
     this.url = url;
@@ -227,10 +251,18 @@ export class GatewayClient {
       upstreamLost: options.onUpstreamLost,
       resubscribed: options.onResubscribed,
       error: options.onError,
+      fallback: options.onFallback,
     };
+    const EventSourceImpl =
+      options.EventSource ?? (globalThis as { EventSource?: EventSourceConstructor }).EventSource;
     this._transports = options.transports?.length
       ? [...options.transports]
-      : [webSocketTransport(options.WebSocket)];
+      : [
+          webSocketTransport(options.WebSocket),
+          ...(options.sseFallback !== false && EventSourceImpl !== undefined
+            ? [sseTransport(EventSourceImpl)]
+            : []),
+        ];
   }
 
   /**
@@ -285,7 +317,7 @@ export class GatewayClient {
     this._setState("closed", { code, reason });
   }
 
-  /** The transport in use ("websocket"), or null while not connected. */
+  /** The transport in use ("websocket" or "sse"), or null while not connected. */
   get transport(): string | null {
     return this._transport?.name ?? null;
   }
@@ -326,6 +358,9 @@ export class GatewayClient {
       return;
     }
     this._transport = transport;
+    const from = this._fallingFrom;
+    this._fallingFrom = null;
+    if (from !== null && from !== transport.name) this._fellBack(from, transport.name);
   }
 
   private _isOpen(): boolean {
@@ -340,7 +375,7 @@ export class GatewayClient {
     this._stableTimer = setTimeout(() => {
       this._attempt = 0;
     }, STABLE_AFTER_MS);
-    this._setState("open");
+    this._setState("open", { transport: transport.name });
     for (const w of this._openWaiters.splice(0)) w.resolve();
     const entries = [...this._subs.values()];
     if (entries.length) void this._subscribeEntries(entries);
@@ -370,9 +405,30 @@ export class GatewayClient {
       return;
     }
     if (!event.opened && this._transportIndex + 1 < this._transports.length) {
+      // Never opened: a refused upgrade looks like this (a proxy that does
+      // not pass WebSockets). The next transport is tried at once.
       this._transportIndex += 1;
+      this._fallingFrom = transport.name;
+      void this._open();
+      return;
     }
+    // Every reconnect starts from the first transport again: a fallback
+    // taken while the gateway was merely unreachable (a restart) must not
+    // keep the client off the WebSocket for good. Where upgrades are
+    // refused, that costs one quick refusal per reconnect.
+    this._transportIndex = 0;
     this._scheduleReconnect(event.code, event.reason);
+  }
+
+  private _fellBack(from: string, to: string): void {
+    if (!this._warned) {
+      this._warned = true;
+      const note = to === "sse" ? " (Server-Sent Events: channels fixed per connection)" : "";
+      console.warn(
+        `GatewayClient: the ${from} connection to ${this.url} never opened; falling back to ${to}${note}`,
+      );
+    }
+    this._emit("fallback", { from, to });
   }
 
   /** Everything tied to one connection ends with it. */

@@ -3,6 +3,7 @@ export {
   type ClientEvents,
   type ConnectionState,
   type ErrorContext,
+  type FallbackEvent,
   type Gap,
   GatewayClient,
   type GatewayClientOptions,
@@ -18,7 +19,10 @@ export {
 export { type ClientErrorCode, GatewayError, type GatewayErrorCode, isGatewayError } from "./errors";
 export type * from "./frames";
 export {
+  type EventSourceConstructor,
   socketUrl,
+  sseTransport,
+  sseUrl,
   type Transport,
   type TransportCloseEvent,
   type TransportContext,

@@ -43,9 +43,10 @@ from redis_ws_gateway.web.access import HttpAuth
 from redis_ws_gateway.web.admin import Admin
 from redis_ws_gateway.web.health import Health
 from redis_ws_gateway.web.publish import Publish
+from redis_ws_gateway.web.sse import SseHandler
 from redis_ws_gateway.web.static import PUBLIC_STATIC, STATIC_ROUTES, static_file
 from redis_ws_gateway.ws.admission import Admission
-from redis_ws_gateway.ws.connection import WsConnection
+from redis_ws_gateway.ws.connection import OpenConnection
 from redis_ws_gateway.ws.handler import WsHandler
 
 log = structlog.get_logger("redis_ws_gateway.server")
@@ -96,7 +97,7 @@ class Server:
         self.snapshots = Snapshots(settings, self.durable.redis)
         # Every open connection: the WebSocket handler adds and removes them,
         # the metrics and the admin API read them.
-        self.sessions: dict[Session, WsConnection] = {}
+        self.sessions: dict[Session, OpenConnection] = {}
         # Set once shutdown begins: /readyz and new upgrades answer 503.
         self.drain_started = asyncio.Event()
         # Reads the state above at every scrape (and once as it registers).
@@ -126,6 +127,8 @@ class Server:
             sessions=self.sessions,
             draining=self.drain_started,
         )
+        # The Server-Sent Events fallback: the same checks, hub and table.
+        self.sse = SseHandler(self.ws)
         http_auth = HttpAuth(self.auth)
         self.publish = Publish(settings, http_auth, self.hub, self.durable)
         self.admin = Admin(
@@ -270,6 +273,7 @@ class Server:
         if part in ("all", "public"):
             app.router.add_post("/publish", self.publish.publish)
             app.router.add_get("/ws", self.ws.handle_ws)
+            app.router.add_get("/sse", self.sse.handle_sse)
             for route in PUBLIC_STATIC:
                 app.router.add_get(route, static_file)
         if part in ("all", "internal"):
@@ -286,7 +290,7 @@ class Server:
 
     @web.middleware
     async def _trace_http(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if not self.tracing or request.path == "/ws":
+        if not self.tracing or request.path in ("/ws", "/sse"):
             result: web.StreamResponse = await handler(request)
             return result
         # A caller's traceparent makes this span a child of the caller's, so a

@@ -172,6 +172,18 @@ class Limits:
         self.high_water = high_water
 
 
+class OpenConnection(Protocol):
+    """What the handler's table of open connections needs of each one: a
+    WsConnection, or an SSE stream (web/sse.py)."""
+
+    ip: str
+    counted_user: str | None
+    closing: bool
+    lost: bool
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
 class Owner(Protocol):
     """What a connection asks of the WebSocket handler (ws/handler.py)."""
 

@@ -49,7 +49,14 @@ from redis_ws_gateway.upstream.snapshots import Snapshots
 from redis_ws_gateway.web.access import client_ip, credential
 from redis_ws_gateway.ws import protocol
 from redis_ws_gateway.ws.admission import Admission
-from redis_ws_gateway.ws.connection import Detached, Limits, Wheel, WsConnection, detach
+from redis_ws_gateway.ws.connection import (
+    Detached,
+    Limits,
+    OpenConnection,
+    Wheel,
+    WsConnection,
+    detach,
+)
 from redis_ws_wire import SUBPROTOCOL, Close, ErrorCode
 
 log = structlog.get_logger("redis_ws_gateway.ws.handler")
@@ -69,7 +76,7 @@ class WsHandler:
         metrics: Metrics,
         tracer: Tracer,
         tracing: bool,
-        sessions: dict[Session, WsConnection],
+        sessions: dict[Session, OpenConnection],
         draining: asyncio.Event,
     ) -> None:
         self.settings = settings
@@ -477,6 +484,11 @@ class WsHandler:
             removed = self.hub.unsubscribe(session, req.channels)
             session.send_control(protocol.unsubscribed_message(req.request_id, removed))
             log.info("unsubscribed", conn=session.id, channels=removed)
+
+    async def subscribe_request(self, session: Session, req: protocol.Request) -> None:
+        """A subscribe whose names, limits and ACL were checked by the
+        caller (the SSE fallback, web/sse.py)."""
+        await self._subscribe(session, req)
 
     async def _subscribe(self, session: Session, req: protocol.Request) -> None:
         assert req.channels is not None

@@ -145,6 +145,130 @@ function webSocketTransport(WebSocketImpl) {
     };
   };
 }
+var ES_OPEN = 1;
+function sseUrl(url, token, channels) {
+  const base = globalThis.location?.href;
+  const parsed = new URL(url, base);
+  if (parsed.protocol === "ws:") parsed.protocol = "http:";
+  else if (parsed.protocol === "wss:") parsed.protocol = "https:";
+  if (parsed.pathname.endsWith("/ws")) parsed.pathname = `${parsed.pathname.slice(0, -3)}/sse`;
+  else if (!parsed.pathname.endsWith("/sse")) {
+    parsed.pathname = `${parsed.pathname.replace(/\/$/, "")}/sse`;
+  }
+  const names = channels.map((c) => typeof c === "string" ? c : c.channel);
+  parsed.searchParams.set("channels", names.join(","));
+  for (const c of channels) {
+    if (typeof c !== "string" && c.since !== void 0 && c.since !== null) {
+      parsed.searchParams.append("since", `${c.channel}@${c.since}`);
+    }
+  }
+  if (token) parsed.searchParams.set("token", token);
+  return parsed.toString();
+}
+function nameOf(c) {
+  return typeof c === "string" ? c : c.channel;
+}
+function sseTransport(EventSourceImpl) {
+  return (context, handlers) => {
+    const Impl = EventSourceImpl ?? globalThis.EventSource;
+    if (Impl === void 0) throw new TypeError("no EventSource implementation");
+    const carried = new Set(context.channels.map(nameOf));
+    const es = new Impl(sseUrl(context.url, context.token, context.channels));
+    let opened = false;
+    let closed = false;
+    let states = null;
+    const refused = /* @__PURE__ */ new Map();
+    const waiting = [];
+    const deliver = (frame) => handlers.message(JSON.stringify(frame));
+    const answer = (requestId, names) => {
+      const no = names.find((n) => refused.has(n));
+      if (no !== void 0) {
+        deliver({ ...refused.get(no), requestId });
+        return;
+      }
+      const subscriptions = names.map((n) => states?.get(n) ?? { channel: n, live: false });
+      deliver({ type: "subscribed", requestId, channels: names, subscriptions });
+    };
+    const finish = (code, reason) => {
+      if (closed) return;
+      closed = true;
+      es.close();
+      handlers.close({ code, reason, opened });
+    };
+    es.onopen = () => {
+      if (closed) return;
+      opened = true;
+      handlers.open();
+    };
+    es.onmessage = (event) => {
+      if (closed || typeof event.data !== "string") return;
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch {
+        handlers.message(event.data);
+        return;
+      }
+      if (frame.type === "error" && frame.code === "forbidden" && typeof frame.channel === "string") {
+        refused.set(frame.channel, frame);
+        const name = frame.channel;
+        for (const w of waiting.filter((w2) => w2.names.includes(name))) {
+          waiting.splice(waiting.indexOf(w), 1);
+          answer(w.requestId, w.names);
+        }
+        return;
+      }
+      if (frame.type === "subscribed" && states === null && frame.requestId === void 0) {
+        states = /* @__PURE__ */ new Map();
+        for (const state of frame.subscriptions ?? []) {
+          const key = state.pattern ?? state.channel;
+          states.set(key, state);
+        }
+        for (const w of waiting.splice(0)) answer(w.requestId, w.names);
+        return;
+      }
+      handlers.message(event.data);
+    };
+    es.onerror = () => finish(1006, "");
+    return {
+      name: "sse",
+      get isOpen() {
+        return !closed && es.readyState === ES_OPEN;
+      },
+      send(frame) {
+        if (closed) throw new Error("the stream is closed");
+        const requestId = frame.requestId;
+        if (frame.action === "subscribe") {
+          const names = (frame.channels ?? []).map(nameOf);
+          if (names.some((n) => !carried.has(n))) {
+            setTimeout(() => finish(1012, "resubscribe"), 0);
+            return;
+          }
+          if (states === null && !names.some((n) => refused.has(n))) {
+            waiting.push({ requestId, names });
+          } else {
+            const reply = () => answer(requestId, names);
+            setTimeout(reply, 0);
+          }
+        } else if (frame.action === "unsubscribe") {
+          const names = frame.channels ? frame.channels.map(nameOf) : [...carried];
+          setTimeout(() => deliver({ type: "unsubscribed", requestId, channels: names }), 0);
+        } else if (frame.action === "ping") {
+          setTimeout(() => deliver({ type: "pong", requestId, time: Date.now() }), 0);
+        } else {
+          const message = `${frame.action} is not available over SSE: reconnect instead`;
+          setTimeout(() => deliver({ type: "error", code: "bad_request", message, requestId }), 0);
+        }
+      },
+      close() {
+        if (closed) return;
+        closed = true;
+        es.close();
+        setTimeout(() => handlers.close({ code: 1e3, reason: "", opened }), 0);
+      }
+    };
+  };
+}
 
 // src/client.ts
 var STABLE_AFTER_MS = 5e3;
@@ -167,7 +291,8 @@ var GatewayClient = class {
       upstreamLost: /* @__PURE__ */ new Set(),
       resubscribed: /* @__PURE__ */ new Set(),
       error: /* @__PURE__ */ new Set(),
-      change: /* @__PURE__ */ new Set()
+      change: /* @__PURE__ */ new Set(),
+      fallback: /* @__PURE__ */ new Set()
     };
     this._transportIndex = 0;
     this._subs = /* @__PURE__ */ new Map();
@@ -181,6 +306,8 @@ var GatewayClient = class {
     this._retryTimer = null;
     this._stableTimer = void 0;
     this._openWaiters = [];
+    this._warned = false;
+    this._fallingFrom = null;
     this.url = url;
     this._token = options.token;
     this._protocols = options.protocols;
@@ -194,9 +321,14 @@ var GatewayClient = class {
       gap: options.onGap,
       upstreamLost: options.onUpstreamLost,
       resubscribed: options.onResubscribed,
-      error: options.onError
+      error: options.onError,
+      fallback: options.onFallback
     };
-    this._transports = options.transports?.length ? [...options.transports] : [webSocketTransport(options.WebSocket)];
+    const EventSourceImpl = options.EventSource ?? globalThis.EventSource;
+    this._transports = options.transports?.length ? [...options.transports] : [
+      webSocketTransport(options.WebSocket),
+      ...options.sseFallback !== false && EventSourceImpl !== void 0 ? [sseTransport(EventSourceImpl)] : []
+    ];
   }
   /**
    * Listen to an event besides the constructor's callback (several parts of
@@ -244,7 +376,7 @@ var GatewayClient = class {
     for (const w of waiters) w.reject(new GatewayError("closed", "client closed"));
     this._setState("closed", { code, reason });
   }
-  /** The transport in use ("websocket"), or null while not connected. */
+  /** The transport in use ("websocket" or "sse"), or null while not connected. */
   get transport() {
     return this._transport?.name ?? null;
   }
@@ -283,6 +415,9 @@ var GatewayClient = class {
       return;
     }
     this._transport = transport;
+    const from = this._fallingFrom;
+    this._fallingFrom = null;
+    if (from !== null && from !== transport.name) this._fellBack(from, transport.name);
   }
   _isOpen() {
     return this._transport !== null && this._transport.isOpen;
@@ -295,7 +430,7 @@ var GatewayClient = class {
     this._stableTimer = setTimeout(() => {
       this._attempt = 0;
     }, STABLE_AFTER_MS);
-    this._setState("open");
+    this._setState("open", { transport: transport.name });
     for (const w of this._openWaiters.splice(0)) w.resolve();
     const entries = [...this._subs.values()];
     if (entries.length) void this._subscribeEntries(entries);
@@ -320,8 +455,22 @@ var GatewayClient = class {
     }
     if (!event.opened && this._transportIndex + 1 < this._transports.length) {
       this._transportIndex += 1;
+      this._fallingFrom = transport.name;
+      void this._open();
+      return;
     }
+    this._transportIndex = 0;
     this._scheduleReconnect(event.code, event.reason);
+  }
+  _fellBack(from, to) {
+    if (!this._warned) {
+      this._warned = true;
+      const note = to === "sse" ? " (Server-Sent Events: channels fixed per connection)" : "";
+      console.warn(
+        `GatewayClient: the ${from} connection to ${this.url} never opened; falling back to ${to}${note}`
+      );
+    }
+    this._emit("fallback", { from, to });
   }
   /** Everything tied to one connection ends with it. */
   _connectionGone() {
@@ -732,5 +881,7 @@ export {
   isGatewayError,
   isPattern,
   socketUrl,
+  sseTransport,
+  sseUrl,
   webSocketTransport
 };
