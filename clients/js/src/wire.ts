@@ -37,6 +37,7 @@ export const ErrorCode = {
   RATE_LIMITED: "rate_limited",
   TOO_LARGE: "too_large",
   NOT_FOUND: "not_found",
+  UNAVAILABLE: "unavailable",
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -59,7 +60,7 @@ export const ERROR_CODES: Readonly<Partial<Record<ErrorCode, string>>> = {
 export const TRANSIENT_ERROR_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(["rate_limited", "upstream_unavailable"]);
 
 /** Codes of HTTP error bodies (POST /publish, the admin API). */
-export const HTTP_ERROR_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(["bad_channel", "bad_json", "bad_request", "forbidden", "not_found", "too_large", "unauthorized", "upstream_unavailable"]);
+export const HTTP_ERROR_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(["bad_channel", "bad_json", "bad_request", "forbidden", "not_found", "rate_limited", "too_large", "unauthorized", "unavailable", "upstream_unavailable"]);
 
 /** WebSocket close codes the gateway sends (1006: no close frame came). */
 export const Close = {

@@ -56,9 +56,10 @@ class ErrorCode:
     UNAUTHORIZED: Final = "unauthorized"
     UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
     RATE_LIMITED: Final = "rate_limited"
-    # HTTP only (POST /publish, the admin API).
+    # HTTP only (POST /publish, the admin API, a refused GET /sse).
     TOO_LARGE: Final = "too_large"
     NOT_FOUND: Final = "not_found"
+    UNAVAILABLE: Final = "unavailable"
 
 
 # Every error code a WebSocket client can receive, with what it means.
@@ -88,6 +89,8 @@ HTTP_ERROR_CODES: Final = frozenset(
         ErrorCode.TOO_LARGE,
         ErrorCode.NOT_FOUND,
         ErrorCode.UPSTREAM_UNAVAILABLE,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.UNAVAILABLE,
     }
 )
 

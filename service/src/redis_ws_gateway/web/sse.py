@@ -283,7 +283,7 @@ class SseHandler:
         ws = self.ws
         s = ws.settings
         if ws.draining.is_set():
-            return self._refuse(503, "draining", "unavailable", "draining")
+            return self._refuse(503, "draining", ErrorCode.UNAVAILABLE, "draining")
         origin = request.headers.get("Origin")
         if (
             origin is not None
@@ -312,7 +312,9 @@ class SseHandler:
             else:
                 principal = ws.auth.anonymous()
         except TimeoutError:
-            return self._refuse(503, "handshake_timeout", "unavailable", "authentication timed out")
+            return self._refuse(
+                503, "handshake_timeout", ErrorCode.UNAVAILABLE, "authentication timed out"
+            )
         except Unauthorized as exc:
             ws.metrics.auth_failures.labels(_auth_reason(str(exc))).inc()
             return self._refuse(401, "unauthorized", ErrorCode.UNAUTHORIZED, str(exc))
@@ -328,7 +330,7 @@ class SseHandler:
         refusal = ws.admission.upgrade_refusal(handler, ip, user)
         if refusal is not None:
             text = refusal.text.strip() if refusal.text else "refused"
-            code = ErrorCode.RATE_LIMITED if refusal.status == 429 else "unavailable"
+            code = ErrorCode.RATE_LIMITED if refusal.status == 429 else ErrorCode.UNAVAILABLE
             return web.json_response(
                 {"error": code, "message": text},
                 status=refusal.status,
@@ -336,7 +338,7 @@ class SseHandler:
             )
         transport = request.transport
         if transport is None or transport.is_closing():
-            return self._refuse(503, "handshake_timeout", "unavailable", "connection gone")
+            return self._refuse(503, "handshake_timeout", ErrorCode.UNAVAILABLE, "connection gone")
         headers = {
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",

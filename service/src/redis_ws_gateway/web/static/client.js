@@ -34,7 +34,8 @@ var ErrorCode = {
   UPSTREAM_UNAVAILABLE: "upstream_unavailable",
   RATE_LIMITED: "rate_limited",
   TOO_LARGE: "too_large",
-  NOT_FOUND: "not_found"
+  NOT_FOUND: "not_found",
+  UNAVAILABLE: "unavailable"
 };
 var ERROR_CODES = {
   "bad_json": "the frame is not JSON, or not a JSON object",
@@ -50,7 +51,7 @@ var ERROR_CODES = {
   "rate_limited": "too many messages; the frame was ignored"
 };
 var TRANSIENT_ERROR_CODES = /* @__PURE__ */ new Set(["rate_limited", "upstream_unavailable"]);
-var HTTP_ERROR_CODES = /* @__PURE__ */ new Set(["bad_channel", "bad_json", "bad_request", "forbidden", "not_found", "too_large", "unauthorized", "upstream_unavailable"]);
+var HTTP_ERROR_CODES = /* @__PURE__ */ new Set(["bad_channel", "bad_json", "bad_request", "forbidden", "not_found", "rate_limited", "too_large", "unauthorized", "unavailable", "upstream_unavailable"]);
 var Close = {
   NORMAL: 1e3,
   PROTOCOL_ERROR: 1002,
