@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind
 from redis_ws_gateway.config import Settings
 from redis_ws_gateway.fanout.hub import Hub
 from redis_ws_gateway.fanout.session import Session
-from redis_ws_gateway.observability.metrics import Metrics
+from redis_ws_gateway.observability.metrics import Metrics, processing_histogram
 from redis_ws_gateway.observability.tracing import (
     context_from_headers,
     provider_from_env,
@@ -66,6 +66,7 @@ class Server:
         self.tracing = tracer_provider is not None
         self.tracer = tracer_for(tracer_provider)
         self.auth = Authenticator(settings, build_acl(settings.roles))
+        processing = processing_histogram()
         self.hub = Hub(
             linger_seconds=settings.unsubscribe_linger_seconds,
             policies=settings.channel_policies,
@@ -74,6 +75,10 @@ class Server:
             native_writes=settings.native_writes,
             compression_min_bytes=settings.ws_compression_min_bytes,
             compression_level=settings.ws_compression_level,
+            sharded_patterns=settings.redis_sharded_channels,
+            tracer=self.tracer if self.tracing else None,
+            trace_sample_rate=settings.trace_delivery_sample_rate,
+            observe_processing=processing.observe,
         )
         self.upstream = Upstream(
             settings.redis_url,
@@ -101,8 +106,8 @@ class Server:
         # Set once shutdown begins: /readyz and new upgrades answer 503.
         self.drain_started = asyncio.Event()
         # Reads the state above at every scrape (and once as it registers).
-        self.metrics = Metrics(self)
-        self._attach_to_hub()
+        self.metrics = Metrics(self, processing)
+        self.hub.connect_upstreams(self.upstream, self.sharded)
         connections = ConnectionCounter(
             settings.max_connections,
             settings.max_connections_per_ip,
@@ -141,20 +146,6 @@ class Server:
             self.drain_started,
         )
         self.health = Health(self.upstream, self.sharded, self.drain_started, self.metrics.registry)
-
-    def _attach_to_hub(self) -> None:
-        """The hub and the upstreams call each other, and the hub takes its
-        upstreams, tracer and processing histogram as attributes: they are
-        set here, once, before anything runs."""
-        hub, s = self.hub, self.settings
-        hub.upstream = self.upstream
-        if self.sharded is not None:
-            hub.sharded = self.sharded
-            hub.sharded_patterns = s.redis_sharded_channels
-        if self.tracing:
-            hub.tracer = self.tracer
-            hub.trace_sample_rate = s.trace_delivery_sample_rate
-        hub.observe_processing = self.metrics.processing.observe
 
     @property
     def draining(self) -> bool:

@@ -157,6 +157,10 @@ class Hub:
         native_writes: bool = True,
         compression_min_bytes: int = 512,
         compression_level: int = 1,
+        sharded_patterns: tuple[str, ...] = (),
+        tracer: Tracer | None = None,
+        trace_sample_rate: float = 0.01,
+        observe_processing: Callable[[float], None] | None = None,
     ) -> None:
         # The direct writes' loop: C (the _fanout extension) unless it was
         # not built or the NATIVE_WRITES setting turns it off.
@@ -166,9 +170,10 @@ class Hub:
         self.compression_min_bytes = compression_min_bytes
         self.compression_level = compression_level
         self.compressed = 0  # messages compressed (once each, for all)
+        # Bound by connect_upstreams(): the upstreams take the hub in their constructors.
         self.upstream: Upstream | None = None
         self.sharded: ShardedUpstream | None = None
-        self.sharded_patterns: tuple[str, ...] = ()
+        self.sharded_patterns = sharded_patterns
         self.channels: dict[bytes, Topic] = {}
         self.patterns: dict[bytes, Topic] = {}
         self.streams: dict[bytes, Topic] = {}
@@ -187,9 +192,9 @@ class Hub:
         self._epochs = 0
         self.messages_in = 0
         self.last_message_at = time.monotonic()
-        self.observe_processing: Callable[[float], None] | None = None
-        self.tracer: Tracer | None = None
-        self.trace_sample_rate = 0.01
+        self.observe_processing = observe_processing
+        self.tracer = tracer
+        self.trace_sample_rate = trace_sample_rate
         self._batch_started = time.perf_counter()
         # A run: consecutive messages of one repeated channel in a read, held
         # here instead of in each subscriber's batch (_end_run).
@@ -198,6 +203,13 @@ class Hub:
         self._run_frames: list[bytes] = []
         # The same run's frames for its deflate subscribers, if it has any.
         self._run_zframes: list[bytes] = []
+
+    def connect_upstreams(self, upstream: Upstream, sharded: ShardedUpstream | None = None) -> None:
+        """The hub subscribes through its upstreams and they deliver to it, so
+        one side is bound after both exist: this is that binding, made once
+        before anything runs."""
+        self.upstream = upstream
+        self.sharded = sharded
 
     # --- bookkeeping ----------------------------------------------------------
 
