@@ -13,13 +13,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# The gateway's C extension (the fan-out write loop, service/setup.py) needs
-# a compiler; the builder has it, the final image does not. Every dependency
-# ships manylinux wheels.
-RUN apt-get update \
-    && apt-get install --yes --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
-
+# Pure Python on top of its dependencies, which all ship manylinux wheels: no
+# compiler in either stage.
 # Dependencies first, from pyproject.toml alone with a placeholder package,
 # so editing source does not invalidate this (slow) layer.
 # The wire module (wire/) is the gateway's one in-repo dependency.
@@ -35,7 +30,7 @@ COPY service/ /build/service/
 # source tree. pip byte-compiles here because the runtime filesystem is
 # read-only. The client and the bench are other distributions: not here.
 RUN pip install --no-deps /build/service \
-    && python -c "import redis_ws_gateway.cli; from redis_ws_gateway.fanout import _fanout"
+    && python -c "import redis_ws_gateway.cli"
 
 
 FROM ${PYTHON_IMAGE}

@@ -92,10 +92,9 @@ fi
 PY=${PYTHON:-python3}
 # Four distributions from this repository (docs/ARCHITECTURE.md, "Layout"): the
 # wire module, the gateway, the Python client, and (tests only) the bench.
-# Editable installs build the C extensions into the source trees, so their
-# sources and setup.py files are part of what a change must reinstall.
-hash=$(cat wire/pyproject.toml service/pyproject.toml service/setup.py \
-  service/src/redis_ws_gateway/fanout/*.c clients/python/pyproject.toml \
+# The editable install of the bench builds its C extensions into its source
+# tree, so their sources and setup.py are part of what a change must reinstall.
+hash=$(cat wire/pyproject.toml service/pyproject.toml clients/python/pyproject.toml \
   bench/pyproject.toml bench/setup.py bench/src/redis_ws_bench/*.c | sha256sum | cut -c1-16)
 dev_stamp=.venv/.installed-dev-$hash
 runtime_stamp=.venv/.installed-runtime-$hash

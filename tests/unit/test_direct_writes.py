@@ -1,7 +1,5 @@
 """Direct writes: a read's lone message goes from the hub to each client's
-socket with one write, past the transport, and never out of order. Every
-test runs with both fan-out loops: the C one (redis_ws_gateway.fanout._fanout) and
-its Python twin.
+socket with one write, past the transport, and never out of order.
 
 Pure logic on real sockets (socket pairs; no Redis). The transport is a
 recording stand-in: what matters is which bytes reach the peer directly,
@@ -19,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from redis_ws_gateway.fanout import writer as fanout
 from redis_ws_gateway.fanout.hub import Hub, Topic
 from redis_ws_gateway.fanout.session import Session
 
@@ -62,19 +59,6 @@ class _Transport:
 class _Principal:
     def may_read(self, name: str) -> bool:
         return True
-
-
-@pytest.fixture(autouse=True, params=["c", "python"])
-def fanout_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The hub's direct-write loop for this test: Hub() takes fanout.write_each."""
-    if request.param == "c":
-        if fanout.NATIVE:
-            monkeypatch.setattr(fanout, "write_each", fanout.write_each_c)
-        else:
-            pytest.fail("the _fanout extension is not built (see test_the_c_loop_is_built)")
-    else:
-        monkeypatch.setattr(fanout, "write_each", fanout.write_each_py)
-    return str(request.param)
 
 
 @pytest.fixture

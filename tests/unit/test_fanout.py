@@ -1,5 +1,6 @@
-"""The fan-out write loop: the C one (redis_ws_gateway.fanout._fanout) and its
-Python twin give the same answers on real descriptors."""
+"""The fan-out write loop: the gateway's (Python, fanout/writer.py) and the
+bench floor's C twin (redis_ws_bench._writeloop) give the same answers on
+real descriptors."""
 
 from __future__ import annotations
 
@@ -17,21 +18,26 @@ from redis_ws_gateway.fanout.writer import WriteEach
 FRAME = b"\x81\x7e\x00\xfa" + b"t" * 250
 
 
-def test_the_c_loop_is_built() -> None:
-    # make setup builds it (pip install -e needs a C compiler); without it the
-    # gateway still runs, ~1 us per delivery slower, and says so when it starts.
-    assert fanout.NATIVE, "redis_ws_gateway.fanout._fanout is missing: reinstall with a C compiler"
-    assert fanout.write_each is fanout.write_each_c
+try:
+    from redis_ws_bench._writeloop import write_each as write_each_c
+except ImportError:  # the bench built without a C compiler
+    write_each_c = None
+
+
+def test_the_floors_c_loop_is_built() -> None:
+    # make setup builds it (pip install -e ./bench needs a C compiler): the
+    # floor stands for the least a forwarder can do, so it writes in C.
+    assert write_each_c is not None, "redis_ws_bench._writeloop is missing: reinstall the bench"
 
 
 def _loops() -> list[WriteEach]:
-    loops: list[WriteEach] = [fanout.write_each_py]
-    if fanout.write_each_c is not None:
-        loops.append(fanout.write_each_c)
+    loops: list[WriteEach] = [fanout.write_each]
+    if write_each_c is not None:
+        loops.append(write_each_c)
     return loops
 
 
-@pytest.fixture(params=_loops(), ids=lambda f: "c" if f is fanout.write_each_c else "python")
+@pytest.fixture(params=_loops(), ids=lambda f: "c" if f is write_each_c else "python")
 def write_each(request: pytest.FixtureRequest) -> WriteEach:
     loop: WriteEach = request.param
     return loop
@@ -98,10 +104,10 @@ def test_a_closed_descriptor_is_an_error_not_an_exception(write_each: WriteEach)
     assert write_each(FRAME, [w]) == [(0, -1)]
 
 
-@pytest.mark.skipif(not fanout.NATIVE, reason="the C loop is not built")
+@pytest.mark.skipif(write_each_c is None, reason="the C loop is not built")
 def test_the_c_loop_rejects_what_is_not_a_list_of_descriptors() -> None:
-    assert fanout.write_each_c is not None
-    loop = fanout.write_each_c
+    assert write_each_c is not None
+    loop = write_each_c
     with pytest.raises(TypeError):
         loop(FRAME, (1, 2))  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -112,25 +118,6 @@ def test_the_c_loop_rejects_what_is_not_a_list_of_descriptors() -> None:
         loop(FRAME, [-1])
     with pytest.raises(ValueError):
         loop(FRAME, [1 << 40])
-
-
-def test_native_writes_off_gives_the_hub_the_python_loop() -> None:
-    from redis_ws_gateway.config import load_settings
-    from redis_ws_gateway.fanout.hub import Hub
-
-    settings = load_settings({"NATIVE_WRITES": "false"})
-    assert settings.native_writes is False
-    assert load_settings({}).native_writes is True
-    off = Hub(
-        linger_seconds=1,
-        policies=(),
-        default_policy="conflate",
-        slow_consumer_grace=1,
-        native_writes=settings.native_writes,
-    )
-    on = Hub(linger_seconds=1, policies=(), default_policy="conflate", slow_consumer_grace=1)
-    assert off.write_each is fanout.write_each_py
-    assert on.write_each is fanout.write_each
 
 
 class _Transport:

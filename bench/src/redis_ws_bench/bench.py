@@ -3146,14 +3146,13 @@ def machine_info() -> dict[str, Any]:
 
     import aiohttp
 
-    from redis_ws_gateway.fanout import writer as fanout
+    from redis_ws_bench import floor
 
     uv = version("uvloop")
     return {
-        # The gateway and the floor this bench starts import the same package,
-        # so they run the loop this process finds (a --url gateway says which
-        # in its /metrics, redis_ws_gateway_fanout_native).
-        "fanout_loop": "c" if fanout.NATIVE else "python",
+        # The floor's write loop: C unless the bench was built without a
+        # compiler (the gateway's loop is Python either way).
+        "fanout_loop": "c" if floor.NATIVE else "python",
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -3442,7 +3441,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`, {report['started_at']} - {report['finished_at']}",
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}, Python {m['python']},"
-        f" aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, fan-out loop {m.get('fanout_loop', '?')},"
+        f" aiohttp {m['aiohttp']}, uvloop {m['uvloop']},"
+        f" floor write loop {m.get('fanout_loop', '?')},"
         f" receive loop {m.get('receiver', 'python')};"
         " load average at start"
         f" {' '.join(m['loadavg_at_start'])}. RLIMIT_NOFILE: {report['nofile'].get('bench')}.",

@@ -3,11 +3,12 @@ per delivery, which ``redis-ws-bench`` measures next to the gateway.
 
 It reads Redis the way the gateway does (the same hiredis ``Upstream``) and
 builds each message's frame once with the gateway's own functions; then it
-hands the frame and the file descriptors of its recipients to the gateway's
-fan-out loop (``fanout.write_each``: C when built, as in the gateway), one
-``write`` per recipient: no session, no batch, no buffer accounting, no
-slow-consumer policy, no per-recipient Python. Its CPU per delivery is what
-one small loopback write costs with the same receivers, the same publisher
+hands the frame and the file descriptors of its recipients to a write loop
+in C (``_writeloop``, the gateway's own loop in Python when the bench was
+built without a compiler), one ``write`` per recipient: no session, no
+batch, no buffer accounting, no slow-consumer policy, no per-recipient
+Python. Its CPU per delivery is what one small loopback write costs with the
+same receivers, the same publisher
 and the same rhythm as the workload (receivers that sleep between messages
 must be woken, sockets are cold). A tight loop of writes to receivers that
 are always busy (the bench's other floor) pays for neither.
@@ -33,9 +34,16 @@ from dataclasses import dataclass, field
 from aiohttp import WSMsgType, web
 
 from redis_ws_bench.naive import serve_until_signalled, target_args
-from redis_ws_gateway.fanout import writer as fanout
+from redis_ws_gateway.fanout import writer
 from redis_ws_gateway.upstream.pubsub import SubKind, Upstream
 from redis_ws_gateway.ws import protocol
+
+write_each: writer.WriteEach
+try:
+    from redis_ws_bench._writeloop import write_each
+except ImportError:  # built without a C compiler
+    write_each = writer.write_each
+NATIVE = write_each is not writer.write_each
 
 
 @dataclass(eq=False)
@@ -95,7 +103,7 @@ class Floor:
         ch.seq += 1
         body, is_b64 = protocol.payload_json(payload)
         frame = protocol.text_frame(protocol.data_message(ch.prefix, ch.seq, body, is_b64))
-        failed = fanout.write_each(frame, ch.fds)
+        failed = write_each(frame, ch.fds)
         if failed is not None:
             raw = ch.raw
             # Backwards: _fall_back removes the connection from raw and fds.

@@ -132,9 +132,6 @@ class Settings:
     # the transport (docs/ARCHITECTURE.md, "Slow consumers").
     outbound_high_water_bytes: int = 0
     slow_consumer_grace_seconds: float = 10.0
-    # The C fan-out loop (the _fanout extension) for direct writes; off, or
-    # without the extension, the same loop runs in Python.
-    native_writes: bool = True
     default_policy: Policy = "drop-oldest"
     redis_username: str | None = None
     redis_password: str | None = None
@@ -364,7 +361,6 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "OUTBOUND_BUFFER_BYTES": ("outbound_buffer_bytes", _int_range(4096, 1 << 30)),
     "OUTBOUND_HIGH_WATER_BYTES": ("outbound_high_water_bytes", _int_range(0, 1 << 30)),
     "SLOW_CONSUMER_GRACE_SECONDS": ("slow_consumer_grace_seconds", _float_range(0, 3600)),
-    "NATIVE_WRITES": ("native_writes", _parse_bool),
     "DEFAULT_CHANNEL_POLICY": ("default_policy", _choice(*POLICIES)),
     "REDIS_USERNAME": ("redis_username", _nonempty),
     "REDIS_PASSWORD": ("redis_password", _nonempty),

@@ -72,7 +72,6 @@ class Server:
             policies=settings.channel_policies,
             default_policy=settings.default_policy,
             slow_consumer_grace=settings.slow_consumer_grace_seconds,
-            native_writes=settings.native_writes,
             compression_min_bytes=settings.ws_compression_min_bytes,
             compression_level=settings.ws_compression_level,
             sharded_patterns=settings.redis_sharded_channels,
@@ -180,9 +179,6 @@ class Server:
                 port=ports.get("all", ports.get("public")),
                 internal_port=ports.get("internal"),
                 redis=self.upstream.address.describe(),
-                # Which fan-out loop runs: "c", or "python" when the _fanout
-                # extension was not built or NATIVE_WRITES is off.
-                fanout="c" if self.hub.fanout_native else "python",
             )
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, signalled.set)

@@ -154,7 +154,6 @@ class Hub:
         policies: Iterable[ChannelPolicy],
         default_policy: Policy,
         slow_consumer_grace: float,
-        native_writes: bool = True,
         compression_min_bytes: int = 512,
         compression_level: int = 1,
         sharded_patterns: tuple[str, ...] = (),
@@ -162,9 +161,8 @@ class Hub:
         trace_sample_rate: float = 0.01,
         observe_processing: Callable[[float], None] | None = None,
     ) -> None:
-        # The direct writes' loop: C (the _fanout extension) unless it was
-        # not built or the NATIVE_WRITES setting turns it off.
-        self.write_each = writer.select(native_writes)
+        # An attribute: the hot path looks it up on self, and tests count calls.
+        self.write_each = writer.write_each
         # Data messages this long or longer are compressed (once per topic)
         # for deflate clients; shorter ones go to them uncompressed.
         self.compression_min_bytes = compression_min_bytes
@@ -525,11 +523,6 @@ class Hub:
         # A channel with one message in this read can have it written to
         # each direct session at once: there is nothing to join it with.
         self._repeated = repeated
-
-    @property
-    def fanout_native(self) -> bool:
-        """Whether direct writes run the C loop (for the log and /metrics)."""
-        return self.write_each is not writer.write_each_py
 
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1

@@ -10,10 +10,11 @@ Every direct write passes one guard: a descriptor whose transport is closing
 is never written. uvloop closes the descriptor only after marking the
 transport closing, and may do so on its own (a failed read) a loop
 iteration before the protocol hears of it; by then the number may belong to
-a newer connection. ``write_each_py`` is that guard and write; ``write_one``
-is the same for a single client; the C loop (``_fanout``, imported here and
-nowhere else) is its twin, and the setting NATIVE_WRITES chooses between
-them for a topic's writes (``select``).
+a newer connection. ``write_each`` is that guard and write; ``write_one``
+is the same for a single client. The loop is Python: a C twin cost less
+than the run-to-run spread of ten alternating rounds of W1, W2 and W4
+(docs/BENCHMARKS.md, "The C fan-out loop"), so it went (the bench's floor
+keeps it, as the least a forwarder can do).
 
 ``Recipients`` is a topic's subscribers split by how they are written: the
 direct ones get a frame from one ``write_each`` call with no Python per
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Sequence
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from redis_ws_gateway.config import Policy
 
@@ -37,10 +38,10 @@ class WriteEach(Protocol):
     ) -> list[tuple[int, int]] | None: ...
 
 
-def write_each_py(
+def write_each(
     frame: bytes, fds: list[int], transports: list[Any] | None = None
 ) -> list[tuple[int, int]] | None:
-    """``_fanout.write_each`` in Python: None when every write took the whole
+    """``frame`` to each of ``fds``: None when every write took the whole
     frame, else (index, written) per other descriptor, with 0 for a full
     socket and -1 for an error or (given ``transports``, one per descriptor)
     a transport that is closing, whose descriptor is not written."""
@@ -69,23 +70,8 @@ def write_each_py(
 def write_one(fd: int, transport: asyncio.Transport, data: bytes) -> int:
     """``data`` to one client's descriptor: the bytes the kernel took (0: the
     socket is full; -1: it failed, or the transport is closing)."""
-    failed = write_each_py(data, [fd], [transport])
+    failed = write_each(data, [fd], [transport])
     return len(data) if failed is None else failed[0][1]
-
-
-write_each_c: WriteEach | None
-try:
-    from redis_ws_gateway.fanout._fanout import write_each as write_each_c
-except ImportError:  # built without a C compiler
-    write_each_c = None
-
-NATIVE: Final = write_each_c is not None
-write_each: WriteEach = write_each_py if write_each_c is None else write_each_c
-
-
-def select(native: bool) -> WriteEach:
-    """The loop for topics' writes: C when built and wanted (NATIVE_WRITES)."""
-    return write_each if native else write_each_py
 
 
 def socket_fd(transport: asyncio.BaseTransport) -> int:

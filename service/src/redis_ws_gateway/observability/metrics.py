@@ -181,11 +181,6 @@ class _StateCollector(Collector):
         up.add_metric(["pattern"], len(gw.hub.patterns))
         up.add_metric(["stream"], len(gw.hub.streams))
         yield up
-        yield GaugeMetricFamily(
-            f"{PREFIX}_fanout_native",
-            "1 when direct writes run the C fan-out loop, 0 for its Python twin",
-            int(gw.hub.fanout_native),
-        )
         yield CounterMetricFamily(
             f"{PREFIX}_upstream_messages",
             "Messages and stream entries read from Redis",

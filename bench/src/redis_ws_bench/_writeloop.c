@@ -1,27 +1,19 @@
-/* The fan-out write loop in C: one frame to many client sockets.
+/* The kernel floor's write loop: one frame to many sockets, in C.
  *
- * Which sessions are written directly is decided in Python (session.py,
- * kept per topic by writer.Recipients; docs/ARCHITECTURE.md, "The data
- * path"), and writer.py is the only importer of this module; this writes
- * the frame to each of their descriptors and reports the ones the kernel
- * did not take whole. Given the sessions' transports as well, it first asks
- * each transport is_closing() and skips the ones that are: uvloop closes a
- * transport's descriptor on its own when a read fails and tells the
- * protocol a loop iteration later, and by then the number may belong to a
- * newer connection (writer.py). Asked here, the check costs a method call
- * instead of a Python loop over the recipients. In W4's shape the gateway with this loop cost 2-6%
- * less per delivery than with the same loop in Python, and a forwarder that
- * does nothing else 0.1-1.5 us less (alternating rounds of 2026-11-26/27,
- * docs/BENCHMARKS-history.md): what
- * os.write adds per call is argument conversion, a result object, the
- * exception machinery and releasing and re-taking the GIL. The sockets are
- * non-blocking, so the GIL is held throughout: no other thread can run
- * between the hub's checks and these writes (is_closing() has no effects).
+ * bench/floor.py stands for "the least a forwarder can do per delivery", so
+ * its writes must not pay Python per recipient. This loop was the gateway's
+ * until 2026-12-07 (redis_ws_gateway/fanout/_fanout.c): ten alternating
+ * rounds of W1, W2 and W4 with and without it showed its gain smaller than
+ * the run-to-run spread (docs/BENCHMARKS.md, "The C fan-out loop"), so the
+ * gateway writes with its Python loop (fanout/writer.py) and the floor keeps
+ * this one.
  *
- * send(2) skips the VFS layer that write(2) goes through; a descriptor that
- * is not a socket (the unit tests use pipes) gets write(2), so results match
- * os.write on any descriptor. MSG_NOSIGNAL: a dead peer is an EPIPE, never
- * a signal.
+ * Given the transports as well, it first asks each transport is_closing()
+ * and skips the ones that are (a closing transport's descriptor may belong
+ * to a newer connection). send(2) skips the VFS layer that write(2) goes
+ * through; a descriptor that is not a socket gets write(2), so results match
+ * os.write on any descriptor. MSG_NOSIGNAL: a dead peer is an EPIPE, never a
+ * signal.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -137,14 +129,14 @@ static PyMethodDef fanout_methods[] = {
 
 static struct PyModuleDef fanout_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "redis_ws_gateway.fanout._fanout",
+    .m_name = "redis_ws_bench._writeloop",
     .m_doc = "The gateway's fan-out write loop, in C.",
     .m_size = 0,
     .m_methods = fanout_methods,
 };
 
 PyMODINIT_FUNC
-PyInit__fanout(void)
+PyInit__writeloop(void)
 {
     if (is_closing_name == NULL
         && (is_closing_name = PyUnicode_InternFromString("is_closing")) == NULL) {
