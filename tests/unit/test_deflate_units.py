@@ -100,6 +100,16 @@ def test_a_ping_between_compressed_fragments_keeps_the_message() -> None:
     assert text == '{"action":"ping","requestId":"fragmented"}'
 
 
+@pytest.mark.parametrize("opcode", [0x9, 0xA], ids=["ping", "pong"])
+def test_a_control_frame_before_a_compressed_message_leaves_it_compressed(opcode: int) -> None:
+    # A browser's pong and its next request often arrive in one read.
+    p = _parser(1 << 16)
+    p.receive_data(frame(opcode, b"x") + compressed_text(b'{"action":"ping"}'))
+    events = list(p.events())
+    assert not any(isinstance(e, CloseConnection) for e in events), events
+    assert [e.data for e in events if isinstance(e, TextMessage)] == ['{"action":"ping"}']
+
+
 def test_inflating_past_the_limit_is_1009_before_the_rest_is_inflated() -> None:
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     bomb = (c.compress(b"a" * (64 << 20)) + c.flush(zlib.Z_SYNC_FLUSH))[:-4]

@@ -38,7 +38,7 @@ from aiohttp import web
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 from redis_ws_gateway.security.limits import TokenBucket, WireBudget
 from redis_ws_wire import Close
@@ -132,6 +132,24 @@ class Inflate(PerMessageDeflate):
         if limit and (self.inflated > limit or decompressor.unconsumed_tail):
             return CloseReason.MESSAGE_TOO_BIG
         return out
+
+    def frame_inbound_header(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        payload_length: int,
+    ) -> CloseReason | RsvBits:
+        if opcode.iscontrol():
+            # wsproto's own records a control frame's RSV1 (False) as the
+            # state of the next message when none is in progress; the next
+            # message's RSV1 would then go unread and its deflate bytes be
+            # taken for text. A control frame must not touch that state.
+            if rsv.rsv1:
+                return CloseReason.PROTOCOL_ERROR
+            self._inbound_is_compressible = False
+            return RsvBits(True, False, False)
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
