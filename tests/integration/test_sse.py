@@ -174,6 +174,18 @@ async def test_frames_equal_websocket_frames(
     assert over_sse == over_ws
 
 
+async def test_head_opens_no_stream(gateway: RunningGateway) -> None:
+    # A HEAD response has no body: a stream behind it would be bytes the
+    # client never asked for, and a connection slot held.
+    http_url = gateway.url.replace("ws://", "http://", 1).rsplit("/ws", 1)[0]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.head(http_url + "/sse?channels=misc:head") as resp,
+    ):
+        assert resp.status == 405
+    assert not gateway.server.sessions
+
+
 async def test_heartbeat_comments_keep_an_idle_stream_alive(
     make_gateway: GatewayFactory, stream_of: Any
 ) -> None:

@@ -46,6 +46,9 @@ ANSWER = protocol.DEFLATE_RESPONSE
         ("permessage-deflate; client_max_window_bits; client_max_window_bits", False),
         ("x-webkit-deflate-frame", False),
         ("permessage-deflate; server_max_window_bits=9, permessage-deflate", True),
+        # Digits str.isdigit() accepts and int() refuses: a refusal, not a 500.
+        ("permessage-deflate; client_max_window_bits=\u00b2", False),
+        ("permessage-deflate; server_max_window_bits=\u0661\u0665", False),
     ],
 )
 def test_offers(offers: str | None, accepted: bool) -> None:

@@ -114,3 +114,16 @@ def test_ids_round_trip_and_foreign_ids_are_refused() -> None:
         with pytest.raises(BadField):
             decode_id(bad)
     assert decode_id("d1.e30") == {}  # {}: a stream with no durable offset yet
+
+
+@pytest.mark.parametrize(
+    "offset", ["1-1\n", "1-1 ", "18446744073709551616-0", "0-18446744073709551616", "0", "1"]
+)
+def test_an_event_id_with_an_offset_xrange_would_refuse_is_not_ours(offset: str) -> None:
+    with pytest.raises(BadField):
+        decode_id(encode_id({"a": offset}))
+
+
+def test_the_largest_stream_id_is_accepted() -> None:
+    top = "18446744073709551615-18446744073709551615"
+    assert decode_id(encode_id({"a": top})) == {"a": top}

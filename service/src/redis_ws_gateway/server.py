@@ -260,7 +260,7 @@ class Server:
         if part in ("all", "public"):
             app.router.add_post("/publish", self.publish.publish)
             app.router.add_get("/ws", self.ws.handle_ws)
-            app.router.add_get("/sse", self.sse.handle_sse)
+            app.router.add_get("/sse", self.sse.handle_sse, allow_head=False)
             for route in PUBLIC_STATIC:
                 app.router.add_get(route, static_file)
         if part in ("all", "internal"):

@@ -562,8 +562,9 @@ class Hub:
             self._run = topic
             self._run_channel = channel
             self._run_frames = [frame]
-            if zipped is not None:
-                self._run_zframes = [zframe]
+            # Reset either way: a run's compressed frames must never be an
+            # earlier run's.
+            self._run_zframes = [zframe] if zipped is not None else []
             return
         policy = self.policy_for(channel)
         key = (topic, channel)

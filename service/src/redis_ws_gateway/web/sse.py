@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import itertools
 import os
 import random
-import re
 import socket
 import time
 from typing import Any, Final
@@ -60,7 +60,7 @@ log = structlog.get_logger("redis_ws_gateway.web.sse")
 # {channel: last offset} of the stream's durable channels. Opaque to clients.
 ID_PREFIX: Final = "d1."
 MAX_ID_LENGTH: Final = 16_384
-_OFFSET_RE: Final = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+MAX_SENT_ID_LENGTH: Final = 4096
 # How often an idle stream checks that its client is still there.
 _POLL_SECONDS: Final = 1.0
 # What EventSource waits before it reconnects (ms).
@@ -92,7 +92,8 @@ def decode_id(text: str) -> dict[str, str]:
     except (binascii.Error, ValueError):
         raise bad from None
     if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and _OFFSET_RE.match(v) for k, v in obj.items()
+        isinstance(k, str) and isinstance(v, str) and protocol.is_stream_id(v, zero=False)
+        for k, v in obj.items()
     ):
         raise bad
     return obj
@@ -185,12 +186,20 @@ class SseSession(Session):
             for state in obj.get("subscriptions") or ():
                 if isinstance(state, dict) and state.get("durable"):
                     moved = self._move(state.get("channel"), state.get("offset")) or moved
-        return encode_id(self.offsets) if moved else None
+        if not moved:
+            return None
+        event_id = encode_id(self.offsets)
+        # A browser sends it back as a header, which servers (aiohttp too)
+        # cap at 8 KB: an id past that would make the reconnect itself fail.
+        # Without an id the client keeps the last one it got, an earlier
+        # state: a resume from it repeats entries (offsets tell them apart),
+        # it loses none.
+        return event_id if len(event_id) <= MAX_SENT_ID_LENGTH else None
 
     def _move(self, channel: Any, offset: Any) -> bool:
         if not isinstance(channel, str) or not isinstance(offset, str):
             return False
-        if not _OFFSET_RE.match(offset):
+        if not protocol.is_stream_id(offset, zero=False):
             return False
         old = self.offsets.get(channel)
         if old is not None and _offset(old) >= _offset(offset):
@@ -252,7 +261,7 @@ def _since(request: web.Request) -> dict[str | None, str]:
     out: dict[str | None, str] = {}
     for value in request.query.getall("since", ()):
         channel, _, offset = value.rpartition("@")
-        if offset != "0" and not _OFFSET_RE.match(offset):
+        if offset != "0" and not protocol.is_stream_id(offset, zero=False):
             raise BadField("since must be an offset like 1732610000000-0")
         out[channel or None] = offset
     return out
@@ -359,7 +368,10 @@ class SseHandler:
         ws.admission.upgraded(handler, ip, user)
         sock = transport.get_extra_info("socket")
         if s.socket_send_buffer_bytes and sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.socket_send_buffer_bytes)
+            # A peer gone since the headers must not skip the release of
+            # the counts taken just above (_gone, below).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.socket_send_buffer_bytes)
         transport.set_write_buffer_limits(
             high=s.outbound_high_water_bytes, low=s.outbound_high_water_bytes // 2
         )
@@ -483,12 +495,22 @@ class SseHandler:
                     session.send_control(protocol.error_message(exc))
                 log.info("subscribed", conn=session.id, channels=list(allowed))
             interval = s.ws_ping_interval_seconds
+            dead_after = max(s.slow_consumer_grace_seconds, 1.5 * interval)
             beat = loop.time() + interval
             while not conn.done.is_set():
                 if transport.is_closing():
                     conn.lost = True
                     break
                 now = loop.time()
+                if (
+                    session.lagging
+                    and time.monotonic() - session.lag_since > dead_after
+                    and not session.closing
+                ):
+                    # Whatever the channels' policy: a stream that has taken
+                    # nothing for this long is a dead peer, as an unanswered
+                    # ping is on the WebSocket (whose keepalive SSE lacks).
+                    conn.close(Close.SLOW_CONSUMER, "slow consumer: lagging too long")
                 if now >= beat:
                     session.heartbeat()
                     beat = now + interval

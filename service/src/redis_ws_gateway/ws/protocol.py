@@ -27,7 +27,20 @@ RequestId = str | int | None
 
 
 MAX_SNAPSHOT_ENTRIES: Final = 1000
-_OFFSET_RE: Final = re.compile(r"^(0|[0-9]{1,20}-[0-9]{1,20})$")
+_OFFSET_RE: Final = re.compile(r"0|[0-9]{1,20}-[0-9]{1,20}")
+_MAX_ID_PART: Final = (1 << 64) - 1
+
+
+def is_stream_id(text: str, *, zero: bool = True) -> bool:
+    """A Redis stream entry ID (``ms-seq``, each part a 64-bit unsigned
+    number), or with ``zero`` the ``0`` that means "from the start". Whole
+    string only: ``$`` would let a trailing newline through to XRANGE."""
+    if not _OFFSET_RE.fullmatch(text):
+        return False
+    if text == "0":
+        return zero
+    ms, _, seq = text.partition("-")
+    return int(ms) <= _MAX_ID_PART and int(seq) <= _MAX_ID_PART
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +162,7 @@ def _channel_object(item: dict[str, Any]) -> tuple[str, ChannelOptions]:
         raise BadField("channel object needs a channel string")
     since = item.get("since")
     snapshot = item.get("snapshot")
-    if since is not None and (not isinstance(since, str) or not _OFFSET_RE.match(since)):
+    if since is not None and (not isinstance(since, str) or not is_stream_id(since)):
         raise BadField("since must be an offset like 1732610000000-0", channel=name)
     if snapshot is not None and (
         isinstance(snapshot, bool)
@@ -368,10 +381,11 @@ def _deflate_params_ok(params: Sequence[str]) -> bool:
             if eq:
                 return False
         elif key == "client_max_window_bits":
-            if eq and not (value.isdigit() and 8 <= int(value) <= 15):
+            # isascii: str.isdigit() is true of digits int() refuses ("²").
+            if eq and not (value.isascii() and value.isdigit() and 8 <= int(value) <= 15):
                 return False
         elif key == "server_max_window_bits":
-            if not (value.isdigit() and int(value) == 15):
+            if not (value.isascii() and value.isdigit() and int(value) == 15):
                 return False
         else:
             return False
