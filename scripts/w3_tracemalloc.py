@@ -90,7 +90,13 @@ async def main() -> None:
     redis = RedisServer()
     redis.start()
     # Every client is the same anonymous user: lift the per-user cap as the bench does.
-    settings = gateway_settings(redis.url, log_level="warning", max_connections_per_user=0)
+    settings = gateway_settings(
+        redis.url,
+        log_level="warning",
+        max_connections_per_user=0,
+        max_connections_per_ip=0,
+        max_pending_handshakes_per_ip=0,
+    )
     gw = await RunningGateway(settings).start()
     try:
         # One connection first, so one-off allocations are not counted per connection.
