@@ -58,8 +58,10 @@ image: setup
 kind-up: setup
 	KIND_CLUSTER=$(KIND_CLUSTER) KIND_INGRESS_PORT=$(KIND_INGRESS_PORT) k8s/kind-up.sh
 
+# The cluster, then the private Docker engine that kind-up started.
 kind-down:
 	$(KIND_ENV) kind delete cluster --name $(KIND_CLUSTER)
+	scripts/dockerd.sh stop
 
 deploy: setup
 	scripts/build-image.sh $(IMAGE)
@@ -70,9 +72,13 @@ deploy: setup
 
 # The cluster, the release with the e2e layer, `helm test`, then the same
 # suite as e2e-local against it through the ingress. A second tag of the same
-# image is loaded for the suite's `helm upgrade` test.
+# image is loaded for the suite's `helm upgrade` test. Whatever the outcome,
+# the cluster and the engine are stopped at the end (E2E_KEEP=1 keeps them up
+# to look around; `make kind-down` stops them then), as the tests do with
+# their own redis-server and dockerd.
 e2e: setup
 	@start=$$(date +%s); set -e; \
+	[ "$(E2E_KEEP)" = 1 ] || trap '$(MAKE) --no-print-directory kind-down' EXIT; \
 	$(MAKE) --no-print-directory kind-up; \
 	$(MAKE) --no-print-directory deploy; \
 	$(KIND_ENV) docker tag $(IMAGE) $(UPGRADE_IMAGE); \
