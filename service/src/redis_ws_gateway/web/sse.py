@@ -45,7 +45,6 @@ from redis_ws_gateway.errors import (
     Unauthorized,
 )
 from redis_ws_gateway.fanout.session import Session
-from redis_ws_gateway.observability.metrics import close_reason
 from redis_ws_gateway.security.auth import Principal
 from redis_ws_gateway.security.limits import pattern_metachars
 from redis_ws_gateway.web.access import client_ip, credential
@@ -526,25 +525,4 @@ class SseHandler:
             self._gone(conn)
 
     def _gone(self, conn: SseConnection) -> None:
-        ws = self.ws
-        session = conn.session
-        ws.hub.remove_session(session)
-        ws.sessions.pop(session, None)
-        ws.connections.closed(conn.ip, conn.counted_user)
-        code = conn.close_code if conn.close_code is not None else Close.ABNORMAL
-        m = ws.metrics
-        m.closed.labels(close_reason(code)).inc()
-        frames, size = session.sent()
-        m.closed_frames += frames
-        m.closed_bytes += size
-        m.closed_dropped += session.dropped
-        m.closed_conflated += session.conflated
-        log.info(
-            "connection_closed",
-            conn=session.id,
-            code=code,
-            frames_sent=frames,
-            dropped=session.dropped,
-            conflated=session.conflated,
-            transport="sse",
-        )
+        self.ws.forget(conn, transport="sse")

@@ -198,6 +198,10 @@ class OpenConnection(Protocol):
     counted_user: str | None
     closing: bool
     lost: bool
+    close_code: int | None
+
+    @property
+    def session(self) -> Session: ...
 
     def close(self, code: int, reason: str) -> None: ...
 

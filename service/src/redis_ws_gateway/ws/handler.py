@@ -312,9 +312,15 @@ class WsHandler:
 
     def connection_gone(self, conn: WsConnection) -> None:
         """Closed or lost, and no client message is being handled: forget it."""
+        self.forget(conn)
+
+    def forget(self, conn: OpenConnection, transport: str | None = None) -> None:
+        """A closed connection (WebSocket, or an SSE stream with
+        ``transport="sse"``) leaves the hub, the counts and the table; what it
+        was sent is kept in the metrics' totals."""
         session = conn.session
         self.hub.remove_session(session)
-        del self.sessions[session]
+        self.sessions.pop(session, None)
         self.connections.closed(conn.ip, conn.counted_user)
         code = conn.close_code if conn.close_code is not None else Close.ABNORMAL
         m = self.metrics
@@ -324,6 +330,7 @@ class WsHandler:
         m.closed_bytes += size
         m.closed_dropped += session.dropped
         m.closed_conflated += session.conflated
+        extra = {} if transport is None else {"transport": transport}
         log.info(
             "connection_closed",
             conn=session.id,
@@ -331,6 +338,7 @@ class WsHandler:
             frames_sent=frames,
             dropped=session.dropped,
             conflated=session.conflated,
+            **extra,
         )
 
     # --- client messages ----------------------------------------------------------
