@@ -72,13 +72,15 @@ def test_bench_w1_quick_delivers_everything_and_reports(tmp_path: Path, receiver
     assert step["target"]["cpu_us_per_delivery"] > 0
     assert step["target"]["hwm_kb"] > 0
     assert step["generator"]["cpu_us_per_frame"] > 0
-    # The kernel's part of each (stime: clock ticks, so it may read 0 in a
-    # 2 s step, never more than the whole).
+    # The kernel's part of each (stime: whole clock ticks, read at the start
+    # and the end of the step, so it may read 0 in a 2 s step and may pass
+    # the whole by up to two ticks spread over the frames, never by more).
+    ticks_us = 2 * 1e6 / os.sysconf("SC_CLK_TCK") / step["received"]
     for part, whole in (
         (step["target"]["sys_us_per_delivery"], step["target"]["cpu_us_per_delivery"]),
         (step["generator"]["sys_us_per_frame"], step["generator"]["cpu_us_per_frame"]),
     ):
-        assert part is not None and 0 <= part <= whole * 1.05 + 0.5
+        assert part is not None and 0 <= part <= whole * 1.05 + ticks_us
     assert step["redis"]["cpu_s"] > 0
     floor = report["floor"]
     assert floor["start"]["one_frame"]["cpu_us_per_write"] > 0
