@@ -199,3 +199,25 @@ async def test_a_failure_while_starting_stops_what_had_started(
     task = server.upstream._task
     assert task is not None and task.done()
     assert sock.fileno() == -1
+
+
+async def test_the_listen_backlog_is_the_setting(redis_server: RedisServer) -> None:
+    """LISTEN_BACKLOG reaches the kernel: a reconnect storm overflowed the
+    old fixed 128, and each dropped SYN waits 1-7 s for its retry. The
+    queue's size is what `ss` reports as Send-Q of a listening socket."""
+    import shutil
+
+    ss = shutil.which("ss")
+    assert ss is not None, "ss (iproute2) is needed to read a listener's backlog"
+    port = free_port()
+    proc = await spawn_gateway(redis_server.url, port, LISTEN_BACKLOG="777")
+    try:
+        ss_proc = await asyncio.create_subprocess_exec(
+            ss, "-ltnH", f"sport = :{port}", stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await ss_proc.communicate()
+        out = stdout.decode().split()
+        assert out[0] == "LISTEN" and out[2] == "777", out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()

@@ -231,3 +231,52 @@ def test_cache_size_setting() -> None:
     assert load_settings({}).jwt_cache_size == 10_000
     assert load_settings({"JWT_CACHE_SIZE": "0"}).jwt_cache_size == 0
     assert load_settings({"JWT_CACHE_SIZE": "50"}).jwt_cache_size == 50
+
+
+def _authenticator(**env: str) -> Any:
+    from redis_ws_gateway.security.auth import Authenticator, build_acl
+
+    settings = load_settings({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": "HS256", **env})
+    return Authenticator(settings, build_acl(settings.roles))
+
+
+async def test_known_answers_only_for_a_token_verified_before_and_still_valid() -> None:
+    """The handshake's synchronous path (Authenticator.known) is the cache
+    and nothing else: an unseen or a bad token goes through authenticate()."""
+    auth = _authenticator(JWT_LEEWAY_SECONDS="0")
+    token = _hs("alice", exp=int(time.time()) + 2)
+    assert auth.known(token) is None
+    assert auth.known(token[:-2] + "xx") is None
+    verified = await auth.authenticate(token)
+    known = auth.known(token)
+    assert known is not None
+    assert (known.user, known.roles, known.via, known.expires_at) == (
+        verified.user,
+        verified.roles,
+        verified.via,
+        verified.expires_at,
+    )
+    with pytest.raises(Exception, match="expired"):
+        async with asyncio.timeout(10):
+            while True:  # the exp passes within ~2 s; then neither path accepts it
+                if auth.known(token) is None:
+                    await auth.authenticate(token)
+                await asyncio.sleep(0.1)
+
+
+async def test_known_without_a_cache_or_with_the_api_key() -> None:
+    auth = _authenticator(JWT_CACHE_SIZE="0", GATEWAY_API_KEY="k" * 32)
+    token = _hs("bob")
+    await auth.authenticate(token)
+    assert auth.known(token) is None  # nothing is cached
+    admin = auth.known("k" * 32)
+    assert admin is not None and admin.via == "api_key"
+    assert auth.known("k" * 31) is None
+
+
+def test_principals_without_a_credential_are_shared() -> None:
+    auth = _authenticator()
+    assert auth.anonymous() is auth.anonymous()
+    assert auth.unauthenticated() is auth.unauthenticated()
+    assert auth.unauthenticated().via == "pending"
+    assert not auth.unauthenticated().may_read("market:tick:X")

@@ -160,6 +160,10 @@ class Settings:
     # gateway never closes a connection a proxy is about to reuse.
     http_keepalive_timeout_seconds: float = 75.0
     max_pending_handshakes: int = 256
+    # Connections the kernel queues before the gateway accepts them. A pod's
+    # drain hands its clients to the others within a second; past a full
+    # queue a SYN is dropped and retried 1, 3 and 7 s later.
+    listen_backlog: int = 4096
     max_pending_handshakes_per_ip: int = 64
     ws_max_frames_per_second: float = 100.0
     ws_frame_burst: int = 200
@@ -385,6 +389,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "HANDSHAKE_TIMEOUT_SECONDS": ("handshake_timeout_seconds", _float_range(0.1, 600)),
     "HTTP_KEEPALIVE_TIMEOUT_SECONDS": ("http_keepalive_timeout_seconds", _float_range(1, 3600)),
     "MAX_PENDING_HANDSHAKES": ("max_pending_handshakes", _int_range(1, 1_000_000)),
+    "LISTEN_BACKLOG": ("listen_backlog", _int_range(1, 1_000_000)),
     "MAX_PENDING_HANDSHAKES_PER_IP": ("max_pending_handshakes_per_ip", _int_range(0, 1_000_000)),
     "WS_MAX_FRAMES_PER_SECOND": ("ws_max_frames_per_second", _float_range(1, 1_000_000)),
     "WS_FRAME_BURST": ("ws_frame_burst", _int_range(1, 1_000_000)),

@@ -169,7 +169,8 @@ class Server:
                 runner = self.runner(part)
                 await runner.setup()
                 runners.append(runner)
-                site = web.SockSite(runner, sock)
+                # aiohttp listens again on the socket, with its own default of 128.
+                site = web.SockSite(runner, sock, backlog=self.settings.listen_backlog)
                 await site.start()
                 sites.append(site)
             ports = {part: sock.getsockname()[1] for part, sock in listeners}
@@ -253,7 +254,12 @@ class Server:
         ``internal`` what only operators should (metrics, admin, console)."""
         app = web.Application(
             client_max_size=self.settings.publish_max_bytes + 1024,
-            middlewares=[self.admission.first_request, self._trace_http],
+            # Without tracing no span middleware at all: aiohttp wraps the
+            # handler in each middleware per request.
+            middlewares=[
+                self.admission.first_request,
+                *([self._trace_http] if self.tracing else []),
+            ],
         )
         app.router.add_get("/healthz", self.health.healthz)
         app.router.add_get("/readyz", self.health.readyz)
@@ -277,7 +283,7 @@ class Server:
 
     @web.middleware
     async def _trace_http(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if not self.tracing or request.path in ("/ws", "/sse"):
+        if request.path in ("/ws", "/sse"):
             result: web.StreamResponse = await handler(request)
             return result
         # A caller's traceparent makes this span a child of the caller's, so a
@@ -331,7 +337,7 @@ class ListenError(Exception):
     """The gateway cannot listen where it was told to (one line for the user)."""
 
 
-def _bind(host: str, port: int, setting: str) -> socket.socket:
+def _bind(host: str, port: int, setting: str, backlog: int) -> socket.socket:
     """A listening socket, made before anything else starts: a port in use
     then ends the start at once with one line, instead of surfacing only
     after Redis connections and tasks have been started and torn down."""
@@ -344,7 +350,7 @@ def _bind(host: str, port: int, setting: str) -> socket.socket:
             f"cannot listen on {host}: {exc.strerror} (REDIS_WS_GATEWAY_HOST)"
         ) from None
     try:
-        sock = socket.create_server(address, family=family, backlog=128)
+        sock = socket.create_server(address, family=family, backlog=backlog)
     except OSError as exc:
         where = f"{host}:{port}"
         if exc.errno == errno.EADDRINUSE:
@@ -362,9 +368,16 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
 
     Raises ListenError, before starting anything, when a port cannot be bound."""
     settings = _fit_fd_limit(settings)
-    public_sock = _bind(settings.host, settings.port, "REDIS_WS_GATEWAY_PORT")
+    public_sock = _bind(
+        settings.host, settings.port, "REDIS_WS_GATEWAY_PORT", settings.listen_backlog
+    )
     internal_sock = (
-        _bind(settings.host, settings.internal_port, "REDIS_WS_GATEWAY_INTERNAL_PORT")
+        _bind(
+            settings.host,
+            settings.internal_port,
+            "REDIS_WS_GATEWAY_INTERNAL_PORT",
+            settings.listen_backlog,
+        )
         if settings.internal_port
         else None
     )

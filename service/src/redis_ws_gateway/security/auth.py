@@ -15,7 +15,7 @@ from pathlib import Path
 from redis_ws_gateway.config import RoleConfig, Settings
 from redis_ws_gateway.errors import Forbidden, Unauthorized
 from redis_ws_gateway.security.acl import Acl, RolePolicy
-from redis_ws_gateway.security.tokens import JwtVerifier, KeySet, TokenRejected
+from redis_ws_gateway.security.tokens import Claims, JwtVerifier, KeySet, TokenRejected
 
 ADMIN_ROLE = "admin"
 
@@ -72,27 +72,47 @@ class Authenticator:
                 cache_size=settings.jwt_cache_size,
             )
 
+        # Immutable, so one of each serves every connection without a
+        # credential (W3 counted 177 B per connection for a fresh one).
+        self._anonymous = Principal("anonymous", (settings.default_role,), acl)
+        self._unauthenticated = Principal("unauthenticated", (), acl, via="pending")
+        self._api_key_principal = Principal("api-key", (ADMIN_ROLE,), acl, via="api_key")
+
     async def start(self) -> None:
         if self.keyset is not None and self._settings.jwks_url:
             await self.keyset.refresh(force=True)
 
     def anonymous(self) -> Principal:
-        return Principal("anonymous", (self._settings.default_role,), self._acl)
+        return self._anonymous
 
     def unauthenticated(self) -> Principal:
         """A connection still waiting for its ``auth`` frame: reads nothing."""
-        return Principal("unauthenticated", (), self._acl, via="pending")
+        return self._unauthenticated
+
+    def known(self, credential: str) -> Principal | None:
+        """The principal of a JWT verified before and still valid (the
+        token cache), without a coroutine or a deadline: a reconnect storm's
+        handshakes mostly end here. None: go through authenticate()."""
+        if self._api_key is not None and hmac.compare_digest(credential.encode(), self._api_key):
+            return self._api_key_principal
+        if self._jwt is None:
+            return None
+        claims = self._jwt.cached(credential)
+        return None if claims is None else self._principal(claims)
 
     async def authenticate(self, credential: str) -> Principal:
         """Resolve a credential; raises Unauthorized or Forbidden with a short reason."""
         if self._api_key is not None and hmac.compare_digest(credential.encode(), self._api_key):
-            return Principal("api-key", (ADMIN_ROLE,), self._acl, via="api_key")
+            return self._api_key_principal
         if self._jwt is None or credential.count(".") != 2:
             raise Unauthorized("invalid credential")
         try:
             claims = await self._jwt.verify(credential)
         except TokenRejected as exc:
             raise Unauthorized(str(exc)) from None
+        return self._principal(claims)
+
+    def _principal(self, claims: Claims) -> Principal:
         roles = claims.roles or (self._settings.default_role,)
         known = tuple(r for r in roles if r in self._settings.roles)
         if not known:

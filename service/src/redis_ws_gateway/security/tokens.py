@@ -249,6 +249,14 @@ class JwtVerifier:
         # 0 disables it (JWT_CACHE_SIZE).
         self.cache = TokenCache(cache_size, leeway, clock) if cache_size > 0 else None
 
+    def cached(self, token: str) -> Claims | None:
+        """The claims of a token verified before and still valid, without
+        awaiting anything; None when it must go through verify()."""
+        cache = self.cache
+        if cache is None:
+            return None
+        return cache.get(token, self._keyset.generation if self._keyset is not None else 0)
+
     async def verify(self, token: str) -> Claims:
         cache = self.cache
         if cache is None:

@@ -174,18 +174,16 @@ class WsHandler:
         ip = client_ip(request, s.trusted_proxy_hops)
         token, via_protocol = credential(request)
         try:
-            with self.tracer.start_as_current_span("ws.connect") as span:
-                span.set_attribute("client.address", ip)
-                if token is not None:
-                    # The upgrade has a deadline as the request head has: a
-                    # slow key fetch must not hold sockets open without end.
-                    async with asyncio.timeout(s.handshake_timeout_seconds):
-                        principal = await self.auth.authenticate(token)
-                elif s.require_auth:
-                    principal = self.auth.unauthenticated()
-                else:
-                    principal = self.auth.anonymous()
-                span.set_attribute("redis_ws_gateway.auth", principal.via)
+            if self.tracing:
+                with self.tracer.start_as_current_span("ws.connect") as span:
+                    span.set_attribute("client.address", ip)
+                    principal = await self._principal(token)
+                    span.set_attribute("redis_ws_gateway.auth", principal.via)
+            else:
+                # Even a no-op tracer's span copies the context twice: an
+                # eighth of a connection's CPU in W7 (docs/BENCHMARKS.md).
+                known = self.auth.known(token) if token is not None else None
+                principal = known if known is not None else await self._principal(token)
         except TimeoutError:
             return admission.reject(503, "handshake_timeout", "authentication timed out")
         except Unauthorized as exc:
@@ -272,6 +270,17 @@ class WsHandler:
         self._open(conn)
         conn.start()
         return Detached()
+
+    async def _principal(self, token: str | None) -> Principal:
+        s = self.settings
+        if token is not None:
+            # The upgrade has a deadline as the request head has: a slow key
+            # fetch must not hold sockets open without end.
+            async with asyncio.timeout(s.handshake_timeout_seconds):
+                return await self.auth.authenticate(token)
+        if s.require_auth:
+            return self.auth.unauthenticated()
+        return self.auth.anonymous()
 
     def _open(self, conn: WsConnection) -> None:
         s = self.settings
@@ -411,10 +420,12 @@ class WsHandler:
             self._client_error(session, exc)
             return
         try:
-            if req.action == "auth":
+            if req.action == "auth" and self.tracing:
                 with self.tracer.start_as_current_span("ws.auth") as span:
                     span.set_attribute("redis_ws_gateway.connection", session.id)
                     await self._authenticate(conn, req)
+            elif req.action == "auth":
+                await self._authenticate(conn, req)
             elif session.principal.via == "pending" and req.action != "ping":
                 raise Unauthorized("authenticate first: send an auth action with a token")
             elif req.action == "subscribe" and self.tracing:

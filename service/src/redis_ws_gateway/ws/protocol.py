@@ -72,6 +72,9 @@ def _request_id(obj: dict[str, Any]) -> RequestId:
     return rid
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def validate_channel(name: str, max_length: int) -> None:
     if not name:
         raise BadChannel("channel name is empty", channel=name)
@@ -79,7 +82,7 @@ def validate_channel(name: str, max_length: int) -> None:
         raise BadChannel(
             f"channel name longer than {max_length} characters", channel=name[:64] + "..."
         )
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if _CONTROL.search(name) is not None:
         raise BadChannel("channel name contains control characters", channel=name)
 
 
