@@ -2542,9 +2542,10 @@ class Bench:
                 env: dict[str, str] = env,
                 alg: str = alg,
                 plan: list[tuple[str, ...]] = plan,
+                kind: str = "gateway",
             ) -> dict[str, Any]:
-                target = await self.target("gateway", f"W7-{alg}", env)
-                log(f"W7 {alg} against gateway ({target.url}, pid {target.pid})")
+                target = await self.target(kind, f"W7-{alg}", env if kind == "gateway" else None)
+                log(f"W7 {alg} against {kind} ({target.url}, pid {target.pid})")
                 try:
                     phases = []
                     for phase in ("first", "reconnect"):
@@ -2554,7 +2555,11 @@ class Bench:
                         one["phase"] = phase
                         phases.append(one)
                     shares = [p.get("others_share") or [0.0] for p in phases]
-                    profile = await self._storm_profile(target, tokens, plan, seconds, alg)
+                    profile = (
+                        await self._storm_profile(target, tokens, plan, seconds, alg)
+                        if kind == "gateway"
+                        else None
+                    )
                     return {
                         "profile": profile,
                         "phases": phases,
@@ -2577,6 +2582,18 @@ class Bench:
             if res.get("profile") is None:
                 res.pop("profile", None)
             out.append(res)
+            if self.o.compare_naive and alg == algs[0]:
+                # The same storm against the naive forwarder: an aiohttp app
+                # that upgrades, answers the subscribe and verifies nothing
+                # (it ignores the token), so what a WebSocket connection
+                # costs on aiohttp before any of the gateway's own work.
+                naive = await self.retrying(
+                    "W7 naive",
+                    lambda: attempt(kind="naive"),
+                    lambda r: "noisy-neighbours" in r["flags"],
+                )
+                naive.pop("profile", None)
+                out.append({**res, **naive, "target": "naive", "alg": "none", "target_env": {}})
         return out
 
     async def _storm_profile(
@@ -3294,9 +3311,11 @@ def assess(report: dict[str, Any]) -> list[dict[str, Any]]:
     for r in report["results"]:
         if r["workload"] != "W7":
             continue
-        limit = W7_MS_PER_CONNECTION.get(r["alg"])
+        limit = W7_MS_PER_CONNECTION.get(r["alg"]) if r["target"] == "gateway" else None
         for ph in r.get("phases", []):
-            name = f"W7 {r['alg']} {ph['phase']} storm"
+            name = f"W7 {r['alg']} {ph['phase']} storm" + (
+                "" if r["target"] == "gateway" else f" ({r['target']})"
+            )
             ms = ph.get("target_ms_per_connection")
             add(
                 f"{name}: gateway CPU/connection",
@@ -3369,15 +3388,16 @@ def storm_markdown(report: dict[str, Any]) -> list[str]:
         " all dropped. CPU per connection is the gateway's CPU time from the first"
         " client's start until the last is subscribed, over the connections made live.",
         "",
-        "| alg | phase | clients | live | failed | all live after s | gateway ms CPU/conn"
+        "| target | alg | phase | clients | live | failed | all live after s | ms CPU/conn"
         " | of it sys | gen ms/conn | connect->live p50 / p99 / max ms | target CPU | flags |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in storms:
         for ph in r.get("phases", []):
             lat = ph["connect_to_live_ms"]
             lines.append(
                 _row(
+                    r["target"],
                     r["alg"],
                     ph["phase"],
                     ph["clients"],
@@ -3393,7 +3413,7 @@ def storm_markdown(report: dict[str, Any]) -> list[str]:
                 )
             )
             if ph.get("errors"):
-                lines.append(f"|  | errors: {ph['errors']} | | | | | | | | | | |")
+                lines.append(f"|  |  | errors: {ph['errors']} | | | | | | | | | | |")
     env = storms[0].get("target_env", {})
     lines += [
         "",

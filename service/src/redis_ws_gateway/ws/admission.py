@@ -73,6 +73,10 @@ class Admission:
             # for a later request's head (the first one's is the deadline
             # armed in socket_opened).
             keepalive_timeout=self._settings.http_keepalive_timeout_seconds,
+            # No SO_KEEPALIVE: the kernel's first probe comes after two hours,
+            # while the WebSocket ping and the timeout above find a dead peer
+            # in seconds; the option was one more system call per accept.
+            tcp_keepalive=False,
         )
 
     # --- accept and close -------------------------------------------------------
