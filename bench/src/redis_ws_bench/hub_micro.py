@@ -51,7 +51,17 @@ class _Principal:
 # is timed is the Python around it plus a syscall that does no work.
 _DEVNULL = os.open(os.devnull, os.O_WRONLY)
 
-PAYLOAD = b'{"ltp":22450.5,"ts":1795697863.61,"pad":"' + b"x" * 150 + b'"}'
+PAYLOADS = {
+    # A tick: a few numbers and a string, 193 bytes.
+    "tick": b'{"ltp":22450.5,"ts":1795697863.61,"pad":"' + b"x" * 150 + b'"}',
+    # An order book's top 50 levels a side: 1.4 KB, mostly floats, which is
+    # what a JSON parser spends its time on.
+    "book": b'{"bids":['
+    + b",".join(b"[22450.%02d,%d]" % (i, i + 1) for i in range(50))
+    + b'],"asks":['
+    + b",".join(b"[22451.%02d,%d]" % (i, i + 1) for i in range(50))
+    + b"]}",
+}
 
 
 def _session(hub: Hub, transport: asyncio.Transport, principal: Any = None) -> Session:
@@ -167,6 +177,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payload-validation", choices=("json", "off"), default="json")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--payload", choices=sorted(PAYLOADS), default="tick")
     parser.add_argument("--shapes", default="W1,W4,W2,W6,P", help="comma-separated: W1,W4,W2,W6,P")
     args = parser.parse_args()
     shapes = set(args.shapes.split(","))
@@ -177,7 +188,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     gateway_end, _client_end = socket.socketpair()
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, gateway_end)
-    payload = PAYLOAD
+    payload = PAYLOADS[args.payload]
     print(f"a bare loop of os.write to /dev/null: {_devnull_write_us(payload):.3f} us per write")
     print(
         f"payload_json: {_call_us(protocol.payload_json, payload):.3f} us per call, "
