@@ -21,7 +21,7 @@ import orjson
 import structlog
 from opentelemetry.trace import Tracer
 
-from redis_ws_gateway.config import ChannelPolicy, Policy
+from redis_ws_gateway.config import ChannelPolicy, PayloadValidation, Policy
 from redis_ws_gateway.fanout import writer
 from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.fanout.writer import Recipients
@@ -156,6 +156,7 @@ class Hub:
         slow_consumer_grace: float,
         compression_min_bytes: int = 512,
         compression_level: int = 1,
+        payload_validation: PayloadValidation = "json",
         sharded_patterns: tuple[str, ...] = (),
         tracer: Tracer | None = None,
         trace_sample_rate: float = 0.01,
@@ -168,6 +169,10 @@ class Hub:
         self.compression_min_bytes = compression_min_bytes
         self.compression_level = compression_level
         self.compressed = 0  # messages compressed (once each, for all)
+        # How a payload becomes the frame's "data" (PAYLOAD_VALIDATION).
+        self.payload_json = (
+            protocol.payload_json_trusted if payload_validation == "off" else protocol.payload_json
+        )
         # Bound by connect_upstreams(): the upstreams take the hub in their constructors.
         self.upstream: Upstream | None = None
         self.sharded: ShardedUpstream | None = None
@@ -353,7 +358,7 @@ class Hub:
             return
         topic.seq += 1
         self._routed = True
-        body, is_b64 = protocol.payload_json(payload)
+        body, is_b64 = self.payload_json(payload)
         message = protocol.data_message(topic.prefix, topic.seq, body, is_b64, offset=entry_id)
         frame = protocol.text_frame(message)
         policy: Policy = "disconnect"  # durable entries are never dropped silently
@@ -539,7 +544,7 @@ class Hub:
             prefix = protocol.data_prefix(channel, pattern)
         topic.seq += 1
         self._routed = True
-        body, is_b64 = protocol.payload_json(payload)
+        body, is_b64 = self.payload_json(payload)
         message = protocol.data_message(prefix, topic.seq, body, is_b64)
         frame = protocol.text_frame(message)
         zipped = topic.zipped
