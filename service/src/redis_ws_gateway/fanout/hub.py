@@ -37,6 +37,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("redis_ws_gateway.fanout.hub")
 
 _POLICY_CACHE_MAX = 10_000
+# A pattern topic's routes, one per channel it matched (Topic.routes). A
+# pattern such as market:* may match channels without end, so the dict is
+# emptied when it reaches this size rather than grow with them; a refill
+# costs one data_prefix and one policy lookup per channel.
+_ROUTES_MAX = 1024
+
+# What a message on a channel needs of its topic besides the payload: its
+# frame's prefix, its conflation key and its slow-consumer policy.
+Route = tuple[bytes, tuple["Topic", bytes], Policy]
 
 
 class _EveryChannel:
@@ -55,13 +64,16 @@ class Topic(Recipients[Session]):
         "cursor",
         "durable",
         "epoch",
+        "key",
         "kind",
         "lingering",
         "live",
         "name",
         "needs_notice",
+        "policy",
         "prefix",
         "ready",
+        "routes",
         "seq",
         "sessions",
         "sharded",
@@ -88,6 +100,13 @@ class Topic(Recipients[Session]):
         self.sharded = False
         # The data-frame prefix of an exact channel never changes: encode once.
         self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
+        # An exact channel's conflation key and policy are the same for each
+        # message: made once (the policy when the hub first needs it; the
+        # policies are settings, fixed while the gateway runs).
+        self.key = (self, name.encode())  # a cycle, freed by the collector
+        self.policy: Policy | None = None
+        # A pattern's per-channel prefix, key and policy, bounded (_ROUTES_MAX).
+        self.routes: dict[bytes, Route] = {}
         # The subscribers that negotiated permessage-deflate, apart: they get
         # the compressed frame (built once for all of them), the others (this
         # Recipients itself) the plain one. None while there are none, so a
@@ -513,9 +532,14 @@ class Hub:
                     else:
                         seen.add(name)
         self.on_batch_start(repeated)
+        before = self.messages_in
         try:
             route(replies, self.on_message, control)
         finally:
+            # Once per read, not per message: only the seconds-since gauge
+            # (metrics.py) reads it.
+            if self.messages_in != before:
+                self.last_message_at = time.monotonic()
             try:
                 self.on_batch_end()
             except Exception:
@@ -531,17 +555,23 @@ class Hub:
 
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1
-        self.last_message_at = time.monotonic()
         if pattern is None:
             topic = self.channels.get(channel)
             if topic is None or not topic.sessions:
                 return
             prefix = topic.prefix
+            key = topic.key
+            policy = topic.policy
+            if policy is None:
+                policy = topic.policy = self.policy_for(channel)
         else:
             topic = self.patterns.get(pattern)
             if topic is None or not topic.sessions:
                 return
-            prefix = protocol.data_prefix(channel, pattern)
+            entry = topic.routes.get(channel)
+            if entry is None:
+                entry = self._route(topic, channel, pattern)
+            prefix, key, policy = entry
         topic.seq += 1
         self._routed = True
         body, is_b64 = self.payload_json(payload)
@@ -571,8 +601,6 @@ class Hub:
             # earlier run's.
             self._run_zframes = [zframe] if zipped is not None else []
             return
-        policy = self.policy_for(channel)
-        key = (topic, channel)
         if pattern is None:
             if not self._dirty:
                 # No subscriber holds a frame routed earlier in this read
@@ -599,6 +627,17 @@ class Hub:
             for session in topic.sessions:
                 if session.principal.may_read(name):
                     session.deliver(zframe if session.deflate else frame, key, policy)
+
+    def _route(self, topic: Topic, channel: bytes, pattern: bytes) -> Route:
+        routes = topic.routes
+        if len(routes) >= _ROUTES_MAX:
+            routes.clear()
+        entry = routes[channel] = (
+            protocol.data_prefix(channel, pattern),
+            (topic, channel),
+            self.policy_for(channel),
+        )
+        return entry
 
     def _zframe(self, message: bytes, frame: bytes) -> bytes:
         """The frame of ``message`` for deflate clients: compressed when it
@@ -640,8 +679,10 @@ class Hub:
         frames = self._run_frames
         self._run = None
         self._run_frames = []
-        key = (topic, self._run_channel)
-        policy = self.policy_for(self._run_channel)
+        key = topic.key
+        policy = topic.policy
+        if policy is None:
+            policy = topic.policy = self.policy_for(self._run_channel)
         zipped = topic.zipped
         zframes: list[bytes] | None = None
         if zipped is not None:
