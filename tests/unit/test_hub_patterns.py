@@ -115,6 +115,7 @@ def test_a_pattern_keeps_a_bounded_number_of_routes(monkeypatch: Any) -> None:
     for name in names:
         _publish(hub, name)
         assert len(topic.routes) <= 8
+        assert len(topic.readers) <= 8
     # Past the bound the routes are made again, and stay right.
     _publish(hub, *names)
     assert _channels(t) == [n.decode() for n in names + names]
@@ -133,3 +134,67 @@ def test_a_pattern_message_takes_its_channels_policy() -> None:
     _publish(hub, TICK, SECRET)
     assert topic.routes[TICK][2] == "conflate"
     assert topic.routes[SECRET][2] == "disconnect"
+
+
+def test_a_role_never_gets_a_channel_it_may_not_read_through_a_pattern() -> None:
+    hub, topic = _hub()
+    _, trader = _join(hub, topic, _principal("trader"))
+    _, public = _join(hub, topic, _principal("public"))
+    for _ in range(3):  # the first read decides, the others reuse it
+        _publish(hub, SECRET, TICK)
+        _publish(hub, SECRET)
+    assert _channels(public) == ["market:tick:X"] * 3
+    assert _channels(trader) == ["market:secret:X", "market:tick:X", "market:secret:X"] * 3
+
+
+def test_a_refreshed_principal_is_routed_by_its_new_rights() -> None:
+    hub, topic = _hub()
+    a, ta = _join(hub, topic, _principal("trader"))
+    b, tb = _join(hub, topic, _principal("public"))
+    _publish(hub, SECRET, TICK)
+    assert _channels(ta) == ["market:secret:X", "market:tick:X"]
+    assert _channels(tb) == ["market:tick:X"]
+    # A token refresh narrows a's rights (the auth action assigns the new
+    # principal), the decisions for SECRET and TICK being warm.
+    a.principal = _principal("trader", narrow=("market:tick:*",))
+    b.principal = _principal("trader")  # and widens b's
+    _publish(hub, SECRET, TICK)
+    assert _channels(ta) == ["market:tick:X"]
+    assert _channels(tb) == ["market:secret:X", "market:tick:X"]
+
+
+def test_sessions_joining_and_leaving_a_warm_pattern() -> None:
+    hub, topic = _hub()
+    a, ta = _join(hub, topic, _principal("trader"))
+    _publish(hub, SECRET, TICK)
+    assert _channels(ta) == ["market:secret:X", "market:tick:X"]
+    _, tb = _join(hub, topic, _principal("public"))  # rights not decided yet
+    _, tc = _join(hub, topic, _principal("trader"))  # a's rights, decided
+    _publish(hub, SECRET, TICK)
+    assert _channels(tb) == ["market:tick:X"]
+    assert _channels(tc) == _channels(ta) == ["market:secret:X", "market:tick:X"]
+    hub.unsubscribe(a, None)
+    _publish(hub, SECRET, TICK)
+    assert _channels(ta) == []
+    assert _channels(tc) == ["market:secret:X", "market:tick:X"]
+
+
+def test_a_warm_channel_costs_no_read_decision(monkeypatch: Any) -> None:
+    calls: list[str] = []
+    may_read = Principal.may_read
+
+    def counted(self: Principal, channel: str) -> bool:
+        calls.append(channel)
+        return may_read(self, channel)
+
+    monkeypatch.setattr(Principal, "may_read", counted)
+    hub, topic = _hub()
+    for role in ("trader", "public") * 20:
+        _join(hub, topic, _principal(role))
+    _publish(hub, SECRET, TICK)
+    # One decision per channel and rights, not per recipient...
+    assert sorted(calls) == sorted([SECRET.decode(), TICK.decode()] * 2)
+    calls.clear()
+    # ...and none once made.
+    _publish(hub, SECRET, TICK, SECRET)
+    assert calls == []

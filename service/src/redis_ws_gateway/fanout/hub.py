@@ -26,6 +26,7 @@ from redis_ws_gateway.fanout import writer
 from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.fanout.writer import Recipients
 from redis_ws_gateway.observability.tracing import link_from_traceparent
+from redis_ws_gateway.security.auth import Principal
 from redis_ws_gateway.security.globmatch import glob_match
 from redis_ws_gateway.upstream.pubsub import EXACT_MESSAGES, Kind, SubKind, Upstream, route
 from redis_ws_gateway.ws import protocol
@@ -46,6 +47,19 @@ _ROUTES_MAX = 1024
 # What a message on a channel needs of its topic besides the payload: its
 # frame's prefix, its conflation key and its slow-consumer policy.
 Route = tuple[bytes, tuple["Topic", bytes], Policy]
+# A pattern topic's sessions whose principals have the same rights: one read
+# decision holds for all of them (Topic.groups).
+Group = dict[Session, None]
+
+
+def rights(principal: Any) -> object:
+    """What a principal's read decisions depend on: its ACL, roles and
+    narrow list (security/auth.py: Principal.may_read), so principals that
+    share them share every decision. Any other kind of principal stands for
+    itself."""
+    if type(principal) is Principal:
+        return (principal.acl, principal.roles, principal.narrow)
+    return principal
 
 
 class _EveryChannel:
@@ -64,6 +78,7 @@ class Topic(Recipients[Session]):
         "cursor",
         "durable",
         "epoch",
+        "groups",
         "key",
         "kind",
         "lingering",
@@ -72,6 +87,7 @@ class Topic(Recipients[Session]):
         "needs_notice",
         "policy",
         "prefix",
+        "readers",
         "ready",
         "routes",
         "seq",
@@ -107,6 +123,13 @@ class Topic(Recipients[Session]):
         self.policy: Policy | None = None
         # A pattern's per-channel prefix, key and policy, bounded (_ROUTES_MAX).
         self.routes: dict[bytes, Route] = {}
+        # A pattern's sessions by their principals' rights, and per channel
+        # the groups that may read it (Hub._readers), bounded like routes.
+        # A group's decision holds while it exists, so sessions come and go
+        # from groups without a new decision; only a new group (rights not
+        # yet decided) or a gone one empties ``readers``.
+        self.groups: dict[object, Group] = {}
+        self.readers: dict[bytes, tuple[Group, ...]] = {}
         # The subscribers that negotiated permessage-deflate, apart: they get
         # the compressed frame (built once for all of them), the others (this
         # Recipients itself) the plain one. None while there are none, so a
@@ -150,11 +173,44 @@ class Topic(Recipients[Session]):
             return  # a second join must not restart its counters
         self.sessions[session] = None
         self.add(session)
+        if self.kind == "pattern":
+            self._group(session, session.principal)
 
     def leave(self, session: Session) -> None:
         if session in self.sessions:
             del self.sessions[session]
             self.remove(session)
+            if self.kind == "pattern":
+                self._ungroup(session, session.principal)
+
+    def rights_changed(self, client: Session, old: Any) -> None:
+        if self.kind == "pattern" and client in self.sessions:
+            self._ungroup(client, old)
+            self._group(client, client.principal)
+
+    def _group(self, session: Session, principal: Any) -> None:
+        key = rights(principal)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = {}
+            self.readers.clear()
+        group[session] = None
+
+    def _ungroup(self, session: Session, principal: Any) -> None:
+        key = rights(principal)
+        group = self.groups.get(key)
+        if group is None or session not in group:
+            # Not where its principal says: drop it from whichever group
+            # holds it, and every decision with it.
+            found = next(((k, g) for k, g in self.groups.items() if session in g), None)
+            if found is None:
+                return
+            key, group = found
+            self.readers.clear()
+        del group[session]
+        if not group:
+            del self.groups[key]
+            self.readers.clear()
 
     def describe(self, with_state: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {self.kind: self.name}
@@ -617,15 +673,16 @@ class Hub:
                     topic, (frame,), key, policy, None if zipped is None else (zframe,)
                 )
         else:
-            name = channel.decode("utf-8", "surrogateescape")
+            readers = topic.readers.get(channel)
+            if readers is None:
+                readers = self._readers(topic, channel)
             if zipped is None:
-                for session in topic.sessions:
-                    # Second wall: a pattern may match channels the role may not read.
-                    if session.principal.may_read(name):
+                for group in readers:
+                    for session in group:
                         session.deliver(frame, key, policy)
                 return
-            for session in topic.sessions:
-                if session.principal.may_read(name):
+            for group in readers:
+                for session in group:
                     session.deliver(zframe if session.deflate else frame, key, policy)
 
     def _route(self, topic: Topic, channel: bytes, pattern: bytes) -> Route:
@@ -638,6 +695,21 @@ class Hub:
             self.policy_for(channel),
         )
         return entry
+
+    @staticmethod
+    def _readers(topic: Topic, channel: bytes) -> tuple[Group, ...]:
+        """The groups of ``topic``'s sessions that may read ``channel``,
+        decided once per group (Topic.groups) and kept until the groups
+        change. Second wall: a pattern may match channels the role may not
+        read (security/acl.py)."""
+        name = channel.decode("utf-8", "surrogateescape")
+        readers = topic.readers
+        if len(readers) >= _ROUTES_MAX:
+            readers.clear()
+        allowed = readers[channel] = tuple(
+            group for group in topic.groups.values() if next(iter(group)).principal.may_read(name)
+        )
+        return allowed
 
     def _zframe(self, message: bytes, frame: bytes) -> bytes:
         """The frame of ``message`` for deflate clients: compressed when it
