@@ -178,6 +178,9 @@ async def main() -> None:
     parser.add_argument("--payload-validation", choices=("json", "off"), default="json")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--payload", choices=sorted(PAYLOADS), default="tick")
+    parser.add_argument(
+        "--pattern-sessions", type=int, default=100, help="the P shape's sessions on market:*"
+    )
     parser.add_argument("--shapes", default="W1,W4,W2,W6,P", help="comma-separated: W1,W4,W2,W6,P")
     args = parser.parse_args()
     shapes = set(args.shapes.split(","))
@@ -260,14 +263,15 @@ async def main() -> None:
         )
 
     if "P" in shapes:
-        # 100 sessions on market:*, each with a principal the real ACL
+        # 100 sessions (--pattern-sessions) on market:*, each with a principal the real ACL
         # decides for (a role that may read market:* but not market:secret:*),
         # messages over 1,000 channels, ten to a read.
         hub = _hub(validation)
         acl = Acl({"user": RolePolicy(allow=("market:*",), deny=("market:secret:*",))})
         topic = Topic("pattern", "market:*")
         hub.patterns[b"market:*"] = topic
-        for _ in range(100):
+        sessions = args.pattern_sessions
+        for _ in range(sessions):
             hub.attach(_session(hub, transport, Principal("u", ("user",), acl)), topic)
         per_read = 10
         cycle = itertools.cycle([f"market:tick:{i}".encode() for i in range(1000)])
@@ -278,8 +282,8 @@ async def main() -> None:
         dt = _least(repeat, lambda: _run_replies(hub, p_reads))
         n = len(p_reads) * per_read
         print(
-            f"P shape: {dt / n * 1e6:.2f} us per message, 100 recipients, "
-            f"{dt / (n * 100) * 1e6:.3f} us per delivery"
+            f"P shape: {dt / n * 1e6:.2f} us per message, {sessions} recipients, "
+            f"{dt / (n * sessions) * 1e6:.3f} us per delivery"
         )
 
 
