@@ -8,13 +8,14 @@ Pure logic: sessions that write through a recording transport, no sockets.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
 
 from redis_ws_gateway.config import ChannelPolicy
 from redis_ws_gateway.fanout import hub as hub_module
-from redis_ws_gateway.fanout.hub import Hub, Topic
+from redis_ws_gateway.fanout.hub import Hub, Topic, rights
 from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.security.acl import Acl, RolePolicy
 from redis_ws_gateway.security.auth import Principal
@@ -198,3 +199,17 @@ def test_a_warm_channel_costs_no_read_decision(monkeypatch: Any) -> None:
     # ...and none once made.
     _publish(hub, SECRET, TICK, SECRET)
     assert calls == []
+
+
+def test_rights_cover_everything_a_read_decision_may_depend_on() -> None:
+    # hub.rights groups principals by ACL, roles and narrow list, which is
+    # all Principal.may_read consults today. A field added to Principal may
+    # be one a decision depends on: then rights() must take it in, or two
+    # principals that differ in it would share a decision.
+    names = {f.name for f in dataclasses.fields(Principal)}
+    assert names == {"user", "roles", "acl", "narrow", "via", "expires_at"}
+    a = Principal("a", ("public",), ACL, narrow=None, via="jwt", expires_at=1.0)
+    b = Principal("b", ("public",), ACL, narrow=None, via="api_key", expires_at=None)
+    assert rights(a) == rights(b)
+    assert rights(a) != rights(_principal("public", narrow=("market:tick:*",)))
+    assert rights(a) != rights(_principal("trader"))
