@@ -412,6 +412,28 @@ async def test_second_wall_filters_every_routed_message(
         assert c.messages.empty()
 
 
+async def test_second_wall_holds_after_the_read_decisions_are_warm(
+    gateway: RunningGateway, redis_client: aioredis.Redis
+) -> None:
+    async with GatewayClient(gateway.url) as c:
+        await c.subscribe("engine:*")
+        # Both channels routed once: the hub now keeps their read decisions.
+        for name in ("engine:decision:X", "engine:signal:X"):
+            await redis_client.publish(name, b"before")
+            assert (await c.next_of_type("data"))["channel"] == name
+        # The principal replaced as a token refresh replaces it, with fewer
+        # rights than the subscribe-time check allowed.
+        [session] = gateway.server.sessions
+        narrow_acl = Acl({"user": RolePolicy(allow=("engine:signal:*",))})
+        session.principal = Principal("x", ("user",), narrow_acl)
+        await redis_client.publish("engine:decision:X", b"secret")
+        await redis_client.publish("engine:signal:X", b"ok")
+        frame = await c.next_of_type("data")
+        assert (frame["channel"], frame["data"]) == ("engine:signal:X", "ok")
+        await c.ping()
+        assert c.messages.empty()
+
+
 # --- guardrails -------------------------------------------------------------------------
 
 

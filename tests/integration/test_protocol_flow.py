@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from redis_ws_client.client import GatewayClient, ServerError
+from tests.conftest import GatewayFactory
 from tests.support.gateway import RunningGateway
 
 
@@ -61,6 +62,26 @@ async def test_valid_json_payload_is_forwarded_byte_for_byte(
         await redis_client.publish("raw", payload)
         msg = await asyncio.wait_for(ws.receive(), 5)
     assert msg.data.encode().endswith(b'"data":' + payload + b"}")
+
+
+async def test_unvalidated_payloads_keep_json_byte_for_byte_and_encode_the_rest(
+    make_gateway: GatewayFactory, redis_client: aioredis.Redis
+) -> None:
+    gw = await make_gateway(payload_validation="off")
+    payload = b'{"bids":[[22450.05, 10],[22450.00,7]], "n": 123456789012345678901234567890}'
+    async with aiohttp.ClientSession() as http, http.ws_connect(gw.url) as ws:
+        await ws.send_str('{"action":"subscribe","channels":["raw"]}')
+        await ws.receive()
+        # The last: JSON-shaped, not JSON (a Python publisher's str(dict)),
+        # embedded unparsed all the same: what "off" trusts publishers with.
+        for raw in (payload, b"plain text", b"\xff\xfe", b"{'a': 1}"):
+            await redis_client.publish("raw", raw)
+        texts = [(await asyncio.wait_for(ws.receive(), 5)).data for _ in range(4)]
+    assert texts[0].encode().endswith(b',"data":' + payload + b"}")
+    assert orjson.loads(texts[1])["data"] == "plain text"
+    binary = orjson.loads(texts[2])
+    assert binary["encoding"] == "base64" and base64.b64decode(binary["data"]) == b"\xff\xfe"
+    assert texts[3].endswith(""","data":{'a': 1}}""")
 
 
 async def test_pattern_and_exact_subscriptions_each_get_a_frame(

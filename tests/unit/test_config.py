@@ -48,12 +48,18 @@ def test_env_values_are_parsed() -> None:
         ("DRAIN_WINDOW_SECONDS", "soon"),
         ("DEFAULT_ROLE", "nobody"),
         ("DEFAULT_CHANNEL_POLICY", "ignore"),
+        ("PAYLOAD_VALIDATION", "none"),
     ],
 )
 def test_invalid_value_names_setting_and_value(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings({name: value})
     assert name in str(err.value) and value in str(err.value)
+
+
+def test_payload_validation_is_json_unless_turned_off() -> None:
+    assert load_settings({}).payload_validation == "json"
+    assert load_settings({"PAYLOAD_VALIDATION": "OFF"}).payload_validation == "off"
 
 
 def test_every_env_setting_is_documented() -> None:

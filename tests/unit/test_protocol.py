@@ -61,6 +61,50 @@ def test_payload_json_always_yields_json_that_round_trips(raw: bytes) -> None:
         assert value == raw.decode("utf-8")
 
 
+# What a Python publisher sends when it PUBLISHes str(a_dict): JSON-shaped,
+# not JSON (single quotes, True).
+PY_REPR = str({"a": 1, "ok": True}).encode()
+
+
+def _data(body: bytes, is_b64: bool) -> object:
+    frame = protocol.data_message(protocol.data_prefix(b"ch", None), 1, body, is_b64)
+    return orjson.loads(frame)["data"]
+
+
+def test_python_repr_becomes_a_json_string_when_validated() -> None:
+    body, is_b64 = protocol.payload_json(PY_REPR)
+    assert _data(body, is_b64) == PY_REPR.decode()
+
+
+def test_trusted_payloads_embed_json_shapes_unparsed() -> None:
+    book = b'{"bids":[[22450.05,10],[22450.00,7]],"asks":[]}'
+    assert protocol.payload_json_trusted(book) == (book, False)
+    assert protocol.payload_json_trusted(b"[1,2]") == (b"[1,2]", False)
+    # The documented consequence of PAYLOAD_VALIDATION=off: a JSON-shaped
+    # payload that is not JSON is embedded as it is, and the frame around it
+    # is no longer JSON.
+    body, is_b64 = protocol.payload_json_trusted(PY_REPR)
+    assert (body, is_b64) == (PY_REPR, False)
+    frame = protocol.data_message(protocol.data_prefix(b"ch", None), 1, body, is_b64)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(frame)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"plain text", b"", b"\xff\xfe\x00raw", b" {}", b"{} ", b"{]", b"[}", b"{", b"42"]
+)
+def test_trusted_payloads_other_than_json_shapes_are_validated(raw: bytes) -> None:
+    assert protocol.payload_json_trusted(raw) == protocol.payload_json(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_trusted_payload_json_differs_only_on_json_shapes(raw: bytes) -> None:
+    shaped = raw[:1] + raw[-1:] in (b"{}", b"[]") and len(raw) >= 2
+    trusted = protocol.payload_json_trusted(raw)
+    assert trusted == ((raw, False) if shaped else protocol.payload_json(raw))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=80), st.one_of(st.none(), st.text(max_size=20)), st.integers(0, 2**40))
 def test_data_message_is_valid_json_with_fields(

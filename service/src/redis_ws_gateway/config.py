@@ -20,6 +20,7 @@ import yaml
 Policy = Literal["conflate", "drop-oldest", "disconnect"]
 POLICIES: tuple[Policy, ...] = ("conflate", "drop-oldest", "disconnect")
 LogFormat = Literal["json", "console", "auto"]
+PayloadValidation = Literal["json", "off"]
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,10 @@ class Settings:
     ws_compression: bool = True
     ws_compression_min_bytes: int = 512
     ws_compression_level: int = 1
+    # "json": each payload is parsed to decide whether it is embedded as JSON
+    # or as a string; "off": an object- or array-shaped payload is embedded
+    # unparsed (docs/CONFIG.md says what that trusts publishers with).
+    payload_validation: PayloadValidation = "json"
     redis_connect_timeout_seconds: float = 3.0
     redis_health_check_interval_seconds: float = 1.0
     redis_health_check_timeout_seconds: float = 3.0
@@ -349,6 +354,7 @@ ENV_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "WS_COMPRESSION": ("ws_compression", _parse_bool),
     "WS_COMPRESSION_MIN_BYTES": ("ws_compression_min_bytes", _int_range(0, 16 * 1024 * 1024)),
     "WS_COMPRESSION_LEVEL": ("ws_compression_level", _int_range(1, 9)),
+    "PAYLOAD_VALIDATION": ("payload_validation", _choice("json", "off")),
     "REDIS_CONNECT_TIMEOUT_SECONDS": ("redis_connect_timeout_seconds", _float_range(0.05, 600)),
     "REDIS_HEALTH_CHECK_INTERVAL_SECONDS": (
         "redis_health_check_interval_seconds",

@@ -74,6 +74,7 @@ class Server:
             slow_consumer_grace=settings.slow_consumer_grace_seconds,
             compression_min_bytes=settings.ws_compression_min_bytes,
             compression_level=settings.ws_compression_level,
+            payload_validation=settings.payload_validation,
             sharded_patterns=settings.redis_sharded_channels,
             tracer=self.tracer if self.tracing else None,
             trace_sample_rate=settings.trace_delivery_sample_rate,

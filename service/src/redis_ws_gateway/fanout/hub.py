@@ -21,11 +21,12 @@ import orjson
 import structlog
 from opentelemetry.trace import Tracer
 
-from redis_ws_gateway.config import ChannelPolicy, Policy
+from redis_ws_gateway.config import ChannelPolicy, PayloadValidation, Policy
 from redis_ws_gateway.fanout import writer
 from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.fanout.writer import Recipients
 from redis_ws_gateway.observability.tracing import link_from_traceparent
+from redis_ws_gateway.security.auth import Principal
 from redis_ws_gateway.security.globmatch import glob_match
 from redis_ws_gateway.upstream.pubsub import EXACT_MESSAGES, Kind, SubKind, Upstream, route
 from redis_ws_gateway.ws import protocol
@@ -37,6 +38,28 @@ if TYPE_CHECKING:
 log = structlog.get_logger("redis_ws_gateway.fanout.hub")
 
 _POLICY_CACHE_MAX = 10_000
+# A pattern topic's routes, one per channel it matched (Topic.routes). A
+# pattern such as market:* may match channels without end, so the dict is
+# emptied when it reaches this size rather than grow with them; a refill
+# costs one data_prefix and one policy lookup per channel.
+_ROUTES_MAX = 1024
+
+# What a message on a channel needs of its topic besides the payload: its
+# frame's prefix, its conflation key and its slow-consumer policy.
+Route = tuple[bytes, tuple["Topic", bytes], Policy]
+# A pattern topic's sessions whose principals have the same rights: one read
+# decision holds for all of them (Topic.groups).
+Group = dict[Session, None]
+
+
+def rights(principal: Any) -> object:
+    """What a principal's read decisions depend on: its ACL, roles and
+    narrow list (security/auth.py: Principal.may_read), so principals that
+    share them share every decision. Any other kind of principal stands for
+    itself."""
+    if type(principal) is Principal:
+        return (principal.acl, principal.roles, principal.narrow)
+    return principal
 
 
 class _EveryChannel:
@@ -55,13 +78,18 @@ class Topic(Recipients[Session]):
         "cursor",
         "durable",
         "epoch",
+        "groups",
+        "key",
         "kind",
         "lingering",
         "live",
         "name",
         "needs_notice",
+        "policy",
         "prefix",
+        "readers",
         "ready",
+        "routes",
         "seq",
         "sessions",
         "sharded",
@@ -88,6 +116,20 @@ class Topic(Recipients[Session]):
         self.sharded = False
         # The data-frame prefix of an exact channel never changes: encode once.
         self.prefix = protocol.data_prefix(name.encode(), None) if kind == "channel" else b""
+        # An exact channel's conflation key and policy are the same for each
+        # message: made once (the policy when the hub first needs it; the
+        # policies are settings, fixed while the gateway runs).
+        self.key = (self, name.encode())  # a cycle, freed by the collector
+        self.policy: Policy | None = None
+        # A pattern's per-channel prefix, key and policy, bounded (_ROUTES_MAX).
+        self.routes: dict[bytes, Route] = {}
+        # A pattern's sessions by their principals' rights, and per channel
+        # the groups that may read it (Hub._readers), bounded like routes.
+        # A group's decision holds while it exists, so sessions come and go
+        # from groups without a new decision; only a new group (rights not
+        # yet decided) or a gone one empties ``readers``.
+        self.groups: dict[object, Group] = {}
+        self.readers: dict[bytes, tuple[Group, ...]] = {}
         # The subscribers that negotiated permessage-deflate, apart: they get
         # the compressed frame (built once for all of them), the others (this
         # Recipients itself) the plain one. None while there are none, so a
@@ -131,11 +173,44 @@ class Topic(Recipients[Session]):
             return  # a second join must not restart its counters
         self.sessions[session] = None
         self.add(session)
+        if self.kind == "pattern":
+            self._group(session, session.principal)
 
     def leave(self, session: Session) -> None:
         if session in self.sessions:
             del self.sessions[session]
             self.remove(session)
+            if self.kind == "pattern":
+                self._ungroup(session, session.principal)
+
+    def rights_changed(self, client: Session, old: Any) -> None:
+        if self.kind == "pattern" and client in self.sessions:
+            self._ungroup(client, old)
+            self._group(client, client.principal)
+
+    def _group(self, session: Session, principal: Any) -> None:
+        key = rights(principal)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = {}
+            self.readers.clear()
+        group[session] = None
+
+    def _ungroup(self, session: Session, principal: Any) -> None:
+        key = rights(principal)
+        group = self.groups.get(key)
+        if group is None or session not in group:
+            # Not where its principal says: drop it from whichever group
+            # holds it, and every decision with it.
+            found = next(((k, g) for k, g in self.groups.items() if session in g), None)
+            if found is None:
+                return
+            key, group = found
+            self.readers.clear()
+        del group[session]
+        if not group:
+            del self.groups[key]
+            self.readers.clear()
 
     def describe(self, with_state: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {self.kind: self.name}
@@ -156,6 +231,7 @@ class Hub:
         slow_consumer_grace: float,
         compression_min_bytes: int = 512,
         compression_level: int = 1,
+        payload_validation: PayloadValidation = "json",
         sharded_patterns: tuple[str, ...] = (),
         tracer: Tracer | None = None,
         trace_sample_rate: float = 0.01,
@@ -168,6 +244,10 @@ class Hub:
         self.compression_min_bytes = compression_min_bytes
         self.compression_level = compression_level
         self.compressed = 0  # messages compressed (once each, for all)
+        # How a payload becomes the frame's "data" (PAYLOAD_VALIDATION).
+        self.payload_json = (
+            protocol.payload_json_trusted if payload_validation == "off" else protocol.payload_json
+        )
         # Bound by connect_upstreams(): the upstreams take the hub in their constructors.
         self.upstream: Upstream | None = None
         self.sharded: ShardedUpstream | None = None
@@ -353,7 +433,7 @@ class Hub:
             return
         topic.seq += 1
         self._routed = True
-        body, is_b64 = protocol.payload_json(payload)
+        body, is_b64 = self.payload_json(payload)
         message = protocol.data_message(topic.prefix, topic.seq, body, is_b64, offset=entry_id)
         frame = protocol.text_frame(message)
         policy: Policy = "disconnect"  # durable entries are never dropped silently
@@ -508,9 +588,14 @@ class Hub:
                     else:
                         seen.add(name)
         self.on_batch_start(repeated)
+        before = self.messages_in
         try:
             route(replies, self.on_message, control)
         finally:
+            # Once per read, not per message: only the seconds-since gauge
+            # (metrics.py) reads it.
+            if self.messages_in != before:
+                self.last_message_at = time.monotonic()
             try:
                 self.on_batch_end()
             except Exception:
@@ -526,20 +611,26 @@ class Hub:
 
     def on_message(self, channel: bytes, pattern: bytes | None, payload: bytes) -> None:
         self.messages_in += 1
-        self.last_message_at = time.monotonic()
         if pattern is None:
             topic = self.channels.get(channel)
             if topic is None or not topic.sessions:
                 return
             prefix = topic.prefix
+            key = topic.key
+            policy = topic.policy
+            if policy is None:
+                policy = topic.policy = self.policy_for(channel)
         else:
             topic = self.patterns.get(pattern)
             if topic is None or not topic.sessions:
                 return
-            prefix = protocol.data_prefix(channel, pattern)
+            entry = topic.routes.get(channel)
+            if entry is None:
+                entry = self._route(topic, channel, pattern)
+            prefix, key, policy = entry
         topic.seq += 1
         self._routed = True
-        body, is_b64 = protocol.payload_json(payload)
+        body, is_b64 = self.payload_json(payload)
         message = protocol.data_message(prefix, topic.seq, body, is_b64)
         frame = protocol.text_frame(message)
         zipped = topic.zipped
@@ -566,8 +657,6 @@ class Hub:
             # earlier run's.
             self._run_zframes = [zframe] if zipped is not None else []
             return
-        policy = self.policy_for(channel)
-        key = (topic, channel)
         if pattern is None:
             if not self._dirty:
                 # No subscriber holds a frame routed earlier in this read
@@ -584,16 +673,43 @@ class Hub:
                     topic, (frame,), key, policy, None if zipped is None else (zframe,)
                 )
         else:
-            name = channel.decode("utf-8", "surrogateescape")
+            readers = topic.readers.get(channel)
+            if readers is None:
+                readers = self._readers(topic, channel)
             if zipped is None:
-                for session in topic.sessions:
-                    # Second wall: a pattern may match channels the role may not read.
-                    if session.principal.may_read(name):
+                for group in readers:
+                    for session in group:
                         session.deliver(frame, key, policy)
                 return
-            for session in topic.sessions:
-                if session.principal.may_read(name):
+            for group in readers:
+                for session in group:
                     session.deliver(zframe if session.deflate else frame, key, policy)
+
+    def _route(self, topic: Topic, channel: bytes, pattern: bytes) -> Route:
+        routes = topic.routes
+        if len(routes) >= _ROUTES_MAX:
+            routes.clear()
+        entry = routes[channel] = (
+            protocol.data_prefix(channel, pattern),
+            (topic, channel),
+            self.policy_for(channel),
+        )
+        return entry
+
+    @staticmethod
+    def _readers(topic: Topic, channel: bytes) -> tuple[Group, ...]:
+        """The groups of ``topic``'s sessions that may read ``channel``,
+        decided once per group (Topic.groups) and kept until the groups
+        change. Second wall: a pattern may match channels the role may not
+        read (security/acl.py)."""
+        name = channel.decode("utf-8", "surrogateescape")
+        readers = topic.readers
+        if len(readers) >= _ROUTES_MAX:
+            readers.clear()
+        allowed = readers[channel] = tuple(
+            group for group in topic.groups.values() if next(iter(group)).principal.may_read(name)
+        )
+        return allowed
 
     def _zframe(self, message: bytes, frame: bytes) -> bytes:
         """The frame of ``message`` for deflate clients: compressed when it
@@ -635,8 +751,10 @@ class Hub:
         frames = self._run_frames
         self._run = None
         self._run_frames = []
-        key = (topic, self._run_channel)
-        policy = self.policy_for(self._run_channel)
+        key = topic.key
+        policy = topic.policy
+        if policy is None:
+            policy = topic.policy = self.policy_for(self._run_channel)
         zipped = topic.zipped
         zframes: list[bytes] | None = None
         if zipped is not None:

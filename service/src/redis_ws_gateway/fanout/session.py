@@ -50,6 +50,7 @@ class Session:
         "_limit",
         "_on_dirty",
         "_on_lagging",
+        "_principal",
         "backlog",
         "backlog_bytes",
         "batch",
@@ -67,7 +68,6 @@ class Session:
         "lag_since",
         "lagging",
         "opened_at",
-        "principal",
         "remote",
         "subscriptions",
         "transport",
@@ -98,7 +98,7 @@ class Session:
         # The socket's descriptor for direct writes; -1: always the transport.
         self.fd = fd
         self.direct = False
-        self.principal = principal
+        self._principal = principal
         self.remote = remote
         self.subscriptions: dict[tuple[str, str], Recipients[Session]] = {}
         self.wildcards = 0
@@ -120,6 +120,21 @@ class Session:
         self._on_dirty = on_dirty
         self._on_lagging = on_lagging
         self._close_cb = close
+
+    @property
+    def principal(self) -> Principal:
+        return self._principal
+
+    @principal.setter
+    def principal(self, new: Principal) -> None:
+        # A refreshed token (the auth action) may narrow or widen what the
+        # client may read: the pattern topics it is on keep read decisions
+        # per principal's rights (Hub._readers) and must hear of it before
+        # the next message is routed.
+        old = self._principal
+        self._principal = new
+        for topic in self.subscriptions.values():
+            topic.rights_changed(self, old)
 
     # --- hot path -----------------------------------------------------------
 

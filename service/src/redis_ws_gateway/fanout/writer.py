@@ -178,6 +178,10 @@ class Recipients(Generic[C]):
         self.members = []
         self.transports = []
 
+    def rights_changed(self, client: C, old: Any) -> None:
+        """``client``'s principal was replaced (it was ``old``): a topic that
+        keeps read decisions must not go on with ``old``'s."""
+
     def unsettled(self, client: C) -> tuple[int, int]:
         """Frames and bytes write() sent ``client`` and not yet in its own
         counters."""
