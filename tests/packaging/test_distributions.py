@@ -3,6 +3,7 @@ what each wheel carries is checked here, from the wheel itself."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _wheel(tmp_path_factory: pytest.TempPathFactory, project: str) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp(project.replace("/", "-"))
+    # Built from a copy: setuptools leaves build/ in the tree it builds,
+    # and mypy would then find every gateway module twice.
+    src = out / "src"
+    shutil.copytree(
+        ROOT / project, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(out), str(ROOT / project)],
+         "-w", str(out), str(src)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
