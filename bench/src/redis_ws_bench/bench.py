@@ -3798,7 +3798,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="tiny scale and seconds-long steps (smoke run)"
     )
-    p.add_argument("--compare-naive", action="store_true", help="also run against bench_naive")
+    p.add_argument(
+        "--compare-naive",
+        action="store_true",
+        help="also run against the naive forwarder (W7: one storm against it)",
+    )
     p.add_argument("--url", help="drive this running gateway (ws://...) instead of starting one")
     p.add_argument("--redis-url", help="use this Redis instead of starting one (needed with --url)")
     p.add_argument("--gateway-pid", type=int, help="pid of the --url gateway, for CPU and RSS")
