@@ -186,3 +186,17 @@ def test_every_error_code_and_close_code_is_documented() -> None:
     assert close_codes >= {1008, 1012, 4000, 4001, 4008, 4029}
     undocumented = [c for c in sorted(close_codes) if f"| {c} |" not in doc]
     assert not undocumented, f"close codes missing from docs/PROTOCOL.md: {undocumented}"
+
+
+@pytest.mark.parametrize("code", range(0x00, 0xA1))
+def test_channel_names_with_c0_controls_or_delete_are_refused(code: int) -> None:
+    """C0 controls and DEL, anywhere in the name, are refused; every other
+    character (C1 controls and non-ASCII included) is a channel's own."""
+    validate_channel = protocol.validate_channel
+    for name in (chr(code), f"market:{chr(code)}", f"{chr(code)}:tick", f"a{chr(code)}b"):
+        if code < 0x20 or code == 0x7F:
+            with pytest.raises(BadChannel, match="control characters"):
+                validate_channel(name, 256)
+        else:
+            validate_channel(name, 256)
+    validate_channel("indicators:{NIFTY}:ψ", 256)
