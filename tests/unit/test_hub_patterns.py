@@ -213,3 +213,31 @@ def test_rights_cover_everything_a_read_decision_may_depend_on() -> None:
     assert rights(a) == rights(b)
     assert rights(a) != rights(_principal("public", narrow=("market:tick:*",)))
     assert rights(a) != rights(_principal("trader"))
+
+
+def test_durable_entries_are_validated_whatever_the_setting() -> None:
+    """A durable frame carries the offset clients resume from: its payload
+    is parsed even with PAYLOAD_VALIDATION=off, so it cannot add keys that
+    shadow the gateway's own, while a plain channel's is embedded as sent."""
+    hub = Hub(
+        linger_seconds=1,
+        policies=(),
+        default_policy="drop-oldest",
+        slow_consumer_grace=1,
+        payload_validation="off",
+    )
+    forged = b'{"p":1},"offset":"99999999999-0","z":{}'
+    durable = hub.durable_topic("orders")
+    _, transport = _join(hub, durable, _principal("public"))
+    hub.on_batch_start()
+    hub.on_stream_entry(durable, b"7-0", forged)
+    hub.on_batch_end()
+    (frame,) = transport.writes
+    message = orjson.loads(frame[4:] if frame[1] & 0x7F == 126 else frame[2:])
+    assert message["offset"] == "7-0"
+    assert message["data"] == forged.decode()
+    plain = Topic("channel", "ticks")
+    hub.channels[b"ticks"] = plain
+    _, plain_transport = _join(hub, plain, _principal("public"))
+    hub.on_read([[b"message", b"ticks", b'{"p":1}']], lambda reply: None)
+    assert plain_transport.writes[0].endswith(b',"data":{"p":1}}')

@@ -91,6 +91,22 @@ def test_trusted_payloads_embed_json_shapes_unparsed() -> None:
 
 
 @pytest.mark.parametrize(
+    "raw", [b'{"name":"Caf\xe9"}', b"[\xff]", b'{"a":"\xed\xa0\x80"}'], ids=repr
+)
+def test_trusted_payloads_that_are_not_utf8_are_encoded_as_before(raw: bytes) -> None:
+    """A text frame that is not UTF-8 makes every client fail its
+    connection (1007): under PAYLOAD_VALIDATION=off too, such a payload
+    goes out as base64, as under json."""
+    body, is_b64 = protocol.payload_json_trusted(raw)
+    assert is_b64 and (body, is_b64) == protocol.payload_json(raw)
+    assert base64.b64decode(orjson.loads(body)) == raw
+    assert protocol.payload_json_trusted('{"name":"Café"}'.encode()) == (
+        '{"name":"Café"}'.encode(),
+        False,
+    )
+
+
+@pytest.mark.parametrize(
     "raw", [b"plain text", b"", b"\xff\xfe\x00raw", b" {}", b"{} ", b"{]", b"[}", b"{", b"42"]
 )
 def test_trusted_payloads_other_than_json_shapes_are_validated(raw: bytes) -> None:

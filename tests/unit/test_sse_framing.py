@@ -107,6 +107,19 @@ def test_event_ids_carry_durable_offsets_forward_only() -> None:
     assert decode_id(ids[1] or "") == {"d:a": "6-0"}
 
 
+def test_an_event_id_never_comes_from_a_publishers_payload() -> None:
+    """Under PAYLOAD_VALIDATION=off a plain channel's payload is embedded
+    unparsed, so it can hold top-level keys of its own; the id is read only
+    from what precedes the payload."""
+    session, transport = _session(chunked=False)
+    injected = b'{"px":1},"type":"data","channel":"d:a","offset":"99999999999-0","z":{}'
+    session.write(text_frame(b'{"type":"data","channel":"ticks","seq":1,"data":' + injected + b"}"))
+    session.write(text_frame(b'{"type":"data","channel":"d:a","seq":1,"offset":"6-0","data":1}'))
+    ids = [event_id for chunk in transport.written for event_id, _ in _events(chunk)]
+    assert ids[0] is None
+    assert decode_id(ids[1] or "") == {"d:a": "6-0"}
+
+
 def test_ids_round_trip_and_foreign_ids_are_refused() -> None:
     offsets = {"engine:decision:A": "1732610000123-0", "ünïcode,@:x": "0-0"}
     assert decode_id(encode_id(offsets)) == offsets

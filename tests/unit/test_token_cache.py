@@ -280,3 +280,15 @@ def test_principals_without_a_credential_are_shared() -> None:
     assert auth.unauthenticated() is auth.unauthenticated()
     assert auth.unauthenticated().via == "pending"
     assert not auth.unauthenticated().may_read("market:tick:X")
+
+
+@pytest.mark.parametrize("credential", ["\udcff", "\ud800", "k\udcff" * 8])
+async def test_a_credential_that_is_not_utf8_is_refused_not_an_error(credential: str) -> None:
+    """aiohttp decodes header bytes with surrogateescape: compared with the
+    API key, such a credential is a refusal (401), not an exception (500)."""
+    from redis_ws_gateway.errors import Unauthorized
+
+    auth = _authenticator(GATEWAY_API_KEY="k" * 32)
+    assert auth.known(credential) is None
+    with pytest.raises(Unauthorized):
+        await auth.authenticate(credential)

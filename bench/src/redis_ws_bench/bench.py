@@ -2592,8 +2592,9 @@ class Bench:
                     lambda: attempt(kind="naive"),
                     lambda r: "noisy-neighbours" in r["flags"],
                 )
+                shape = {k: v for k, v in res.items() if k != "profile"}
                 naive.pop("profile", None)
-                out.append({**res, **naive, "target": "naive", "alg": "none", "target_env": {}})
+                out.append({**shape, **naive, "target": "naive", "alg": "none", "target_env": {}})
         return out
 
     async def _storm_profile(

@@ -433,7 +433,10 @@ class Hub:
             return
         topic.seq += 1
         self._routed = True
-        body, is_b64 = self.payload_json(payload)
+        # Always validated, as their replays are: an entry's frame carries
+        # the offset a client resumes from, and an unparsed payload could
+        # add keys that a parser takes for the gateway's (PAYLOAD_VALIDATION).
+        body, is_b64 = protocol.payload_json(payload)
         message = protocol.data_message(topic.prefix, topic.seq, body, is_b64, offset=entry_id)
         frame = protocol.text_frame(message)
         policy: Policy = "disconnect"  # durable entries are never dropped silently

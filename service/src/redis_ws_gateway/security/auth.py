@@ -93,7 +93,9 @@ class Authenticator:
         """The principal of a JWT verified before and still valid (the
         token cache), without a coroutine or a deadline: a reconnect storm's
         handshakes mostly end here. None: go through authenticate()."""
-        if self._api_key is not None and hmac.compare_digest(credential.encode(), self._api_key):
+        if self._api_key is not None and hmac.compare_digest(
+            credential.encode("utf-8", "surrogatepass"), self._api_key
+        ):
             return self._api_key_principal
         if self._jwt is None:
             return None
@@ -102,7 +104,9 @@ class Authenticator:
 
     async def authenticate(self, credential: str) -> Principal:
         """Resolve a credential; raises Unauthorized or Forbidden with a short reason."""
-        if self._api_key is not None and hmac.compare_digest(credential.encode(), self._api_key):
+        if self._api_key is not None and hmac.compare_digest(
+            credential.encode("utf-8", "surrogatepass"), self._api_key
+        ):
             return self._api_key_principal
         if self._jwt is None or credential.count(".") != 2:
             raise Unauthorized("invalid credential")

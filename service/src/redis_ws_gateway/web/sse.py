@@ -171,8 +171,13 @@ class SseSession(Session):
 
     def _advance(self, body: bytes) -> str | None:
         """A durable offset in this frame moves the event id forward."""
+        # Only what the gateway wrote is read: a data frame's publisher
+        # payload comes last, after ',"data":', which no JSON-encoded channel
+        # name can contain; under PAYLOAD_VALIDATION=off it could otherwise
+        # add a "channel" or "offset" of its own.
+        cut = body.find(b',"data":')
         try:
-            obj = orjson.loads(body)
+            obj = orjson.loads(body if cut < 0 else body[:cut] + b"}")
         except orjson.JSONDecodeError:
             return None
         if not isinstance(obj, dict):

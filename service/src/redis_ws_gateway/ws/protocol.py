@@ -278,9 +278,21 @@ def payload_json_trusted(raw: bytes) -> tuple[bytes, bool]:
     binary payloads are still encoded safely."""
     # Slices, not startswith/endswith: a third cheaper per message.
     first = raw[:1]
-    if (first == b"{" and raw[-1:] == b"}") or (first == b"[" and raw[-1:] == b"]"):
+    if ((first == b"{" and raw[-1:] == b"}") or (first == b"[" and raw[-1:] == b"]")) and (
+        raw.isascii() or _is_utf8(raw)
+    ):
+        # UTF-8 is checked even so: a text frame that is not UTF-8 makes
+        # every client fail its connection (RFC 6455 8.1, close 1007).
         return raw, False
     return payload_json(raw)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def channel_json(name: bytes) -> bytes:
