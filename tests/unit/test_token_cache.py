@@ -292,3 +292,17 @@ async def test_a_credential_that_is_not_utf8_is_refused_not_an_error(credential:
     assert auth.known(credential) is None
     with pytest.raises(Unauthorized):
         await auth.authenticate(credential)
+
+
+async def test_a_new_token_is_looked_up_once_and_then_hits() -> None:
+    """The handshake's order, known() then verify() on a miss, looks the
+    token up once; then it is a hit."""
+    auth = _authenticator()
+    cache = auth._jwt.cache
+    token = _hs("carol")
+    assert auth.known(token) is None
+    await auth.verify(token)
+    assert (cache.misses, cache.hits) == (1, 0)
+    assert auth.known(token) is not None
+    await auth.authenticate(token)
+    assert (cache.misses, cache.hits) == (1, 2)

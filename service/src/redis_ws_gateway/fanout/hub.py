@@ -277,7 +277,6 @@ class Hub:
         # A run: consecutive messages of one repeated channel in a read, held
         # here instead of in each subscriber's batch (_end_run).
         self._run: Topic | None = None
-        self._run_channel = b""
         self._run_frames: list[bytes] = []
         # The same run's frames for its deflate subscribers, if it has any.
         self._run_zframes: list[bytes] = []
@@ -654,7 +653,6 @@ class Hub:
             # starts ends at the next other message or notice, or with the
             # read.
             self._run = topic
-            self._run_channel = channel
             self._run_frames = [frame]
             # Reset either way: a run's compressed frames must never be an
             # earlier run's.
@@ -755,9 +753,9 @@ class Hub:
         self._run = None
         self._run_frames = []
         key = topic.key
+        # A run starts in on_message, which has looked the policy up by then.
         policy = topic.policy
-        if policy is None:
-            policy = topic.policy = self.policy_for(self._run_channel)
+        assert policy is not None
         zipped = topic.zipped
         zframes: list[bytes] | None = None
         if zipped is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -95,6 +97,36 @@ def tracer_for(provider: TracerProvider | None) -> Tracer:
     if provider is None:
         return trace.NoOpTracer()
     return provider.get_tracer("redis_ws_gateway")
+
+
+class AttributeSpan(Protocol):
+    def set_attribute(self, key: str, value: Any) -> None: ...
+
+
+class _NoSpan:
+    """What span() gives with tracing off: even OpenTelemetry's no-op
+    tracer copies the context twice per span, an eighth of a WebSocket
+    connection's CPU (docs/ARCHITECTURE.md, "What a connection costs")."""
+
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
+def span(tracer: Tracer, tracing: bool, name: str) -> AbstractContextManager[AttributeSpan]:
+    """A span named ``name`` made current, or nothing at all when tracing
+    is off."""
+    if not tracing:
+        return _NO_SPAN
+    return tracer.start_as_current_span(name)
 
 
 def context_from_headers(headers: Mapping[str, str]) -> Context | None:

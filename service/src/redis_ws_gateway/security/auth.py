@@ -90,9 +90,9 @@ class Authenticator:
         return self._unauthenticated
 
     def known(self, credential: str) -> Principal | None:
-        """The principal of a JWT verified before and still valid (the
-        token cache), without a coroutine or a deadline: a reconnect storm's
-        handshakes mostly end here. None: go through authenticate()."""
+        """The principal of the API key, or of a JWT verified before and
+        still valid (the token cache), without a coroutine or a deadline: a
+        reconnect storm's handshakes mostly end here. None: verify() it."""
         if self._api_key is not None and hmac.compare_digest(
             credential.encode("utf-8", "surrogatepass"), self._api_key
         ):
@@ -102,19 +102,21 @@ class Authenticator:
         claims = self._jwt.cached(credential)
         return None if claims is None else self._principal(claims)
 
-    async def authenticate(self, credential: str) -> Principal:
-        """Resolve a credential; raises Unauthorized or Forbidden with a short reason."""
-        if self._api_key is not None and hmac.compare_digest(
-            credential.encode("utf-8", "surrogatepass"), self._api_key
-        ):
-            return self._api_key_principal
+    async def verify(self, credential: str) -> Principal:
+        """A credential known() did not answer: a JWT checked in full.
+        Raises Unauthorized or Forbidden with a short reason."""
         if self._jwt is None or credential.count(".") != 2:
             raise Unauthorized("invalid credential")
         try:
-            claims = await self._jwt.verify(credential)
+            claims = await self._jwt.verify_uncached(credential)
         except TokenRejected as exc:
             raise Unauthorized(str(exc)) from None
         return self._principal(claims)
+
+    async def authenticate(self, credential: str) -> Principal:
+        """Resolve a credential; raises Unauthorized or Forbidden with a short reason."""
+        known = self.known(credential)
+        return known if known is not None else await self.verify(credential)
 
     def _principal(self, claims: Claims) -> Principal:
         roles = claims.roles or (self._settings.default_role,)

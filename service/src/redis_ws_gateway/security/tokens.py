@@ -258,16 +258,20 @@ class JwtVerifier:
         return cache.get(token, self._keyset.generation if self._keyset is not None else 0)
 
     async def verify(self, token: str) -> Claims:
+        claims = self.cached(token)
+        return claims if claims is not None else await self.verify_uncached(token)
+
+    async def verify_uncached(self, token: str) -> Claims:
+        """The signature and claims checked (for a token cached() did not
+        answer), the result cached."""
         cache = self.cache
         if cache is None:
             return await self._verify(token)
         # Read before the key is looked up: a refetch during the await makes
         # what this call verifies stale at once.
         generation = self._keyset.generation if self._keyset is not None else 0
-        claims = cache.get(token, generation)
-        if claims is None:
-            claims = await self._verify(token)
-            cache.put(token, generation, claims)
+        claims = await self._verify(token)
+        cache.put(token, generation, claims)
         return claims
 
     async def _verify(self, token: str) -> Claims:

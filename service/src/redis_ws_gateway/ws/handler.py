@@ -37,6 +37,7 @@ from redis_ws_gateway.fanout.hub import Hub
 from redis_ws_gateway.fanout.session import Session
 from redis_ws_gateway.fanout.writer import socket_fd
 from redis_ws_gateway.observability.metrics import Metrics, close_reason
+from redis_ws_gateway.observability.tracing import span
 from redis_ws_gateway.security.auth import Authenticator, Principal
 from redis_ws_gateway.security.limits import (
     ConnectionCounter,
@@ -174,16 +175,10 @@ class WsHandler:
         ip = client_ip(request, s.trusted_proxy_hops)
         token, via_protocol = credential(request)
         try:
-            if self.tracing:
-                with self.tracer.start_as_current_span("ws.connect") as span:
-                    span.set_attribute("client.address", ip)
-                    principal = await self._principal(token)
-                    span.set_attribute("redis_ws_gateway.auth", principal.via)
-            else:
-                # Even a no-op tracer's span copies the context twice: an
-                # eighth of a connection's CPU in W7 (docs/BENCHMARKS.md).
-                known = self.auth.known(token) if token is not None else None
-                principal = known if known is not None else await self._principal(token)
+            with span(self.tracer, self.tracing, "ws.connect") as connect:
+                connect.set_attribute("client.address", ip)
+                principal = await self._principal(token)
+                connect.set_attribute("redis_ws_gateway.auth", principal.via)
         except TimeoutError:
             return admission.reject(503, "handshake_timeout", "authentication timed out")
         except Unauthorized as exc:
@@ -274,10 +269,13 @@ class WsHandler:
     async def _principal(self, token: str | None) -> Principal:
         s = self.settings
         if token is not None:
+            known = self.auth.known(token)
+            if known is not None:
+                return known
             # The upgrade has a deadline as the request head has: a slow key
             # fetch must not hold sockets open without end.
             async with asyncio.timeout(s.handshake_timeout_seconds):
-                return await self.auth.authenticate(token)
+                return await self.auth.verify(token)
         if s.require_auth:
             return self.auth.unauthenticated()
         return self.auth.anonymous()
@@ -420,18 +418,16 @@ class WsHandler:
             self._client_error(session, exc)
             return
         try:
-            if req.action == "auth" and self.tracing:
-                with self.tracer.start_as_current_span("ws.auth") as span:
-                    span.set_attribute("redis_ws_gateway.connection", session.id)
+            if req.action == "auth":
+                with span(self.tracer, self.tracing, "ws.auth") as auth:
+                    auth.set_attribute("redis_ws_gateway.connection", session.id)
                     await self._authenticate(conn, req)
-            elif req.action == "auth":
-                await self._authenticate(conn, req)
             elif session.principal.via == "pending" and req.action != "ping":
                 raise Unauthorized("authenticate first: send an auth action with a token")
-            elif req.action == "subscribe" and self.tracing:
-                with self.tracer.start_as_current_span("ws.subscribe") as span:
-                    span.set_attribute("redis_ws_gateway.connection", session.id)
-                    span.set_attribute("redis_ws_gateway.channels", len(req.channels or ()))
+            elif req.action == "subscribe":
+                with span(self.tracer, self.tracing, "ws.subscribe") as sub:
+                    sub.set_attribute("redis_ws_gateway.connection", session.id)
+                    sub.set_attribute("redis_ws_gateway.channels", len(req.channels or ()))
                     await self._dispatch(session, req)
             else:
                 await self._dispatch(session, req)
