@@ -173,6 +173,16 @@ def _zipf_sessions(
             hub.attach(session, topic)
 
 
+def _one_channel(validation: str, transport: asyncio.Transport, sessions: int) -> Hub:
+    """A hub with ``sessions`` sessions on market:tick:X (W1's and W2's shape)."""
+    hub = _hub(validation)
+    topic = Topic("channel", "market:tick:X")
+    hub.channels[b"market:tick:X"] = topic
+    for _ in range(sessions):
+        hub.attach(_session(hub, transport), topic)
+    return hub
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payload-validation", choices=("json", "off"), default="json")
@@ -199,11 +209,7 @@ async def main() -> None:
     )
 
     if "W1" in shapes:
-        hub = _hub(validation)
-        one = Topic("channel", "market:tick:X")
-        hub.channels[b"market:tick:X"] = one
-        for s in [_session(hub, transport) for _ in range(1000)]:
-            hub.attach(s, one)
+        hub = _one_channel(validation, transport, 1000)
         n = 3000
         dt = _least(repeat, lambda: _run(hub, [b"market:tick:X"], n, payload))
         print(f"W1 shape: {dt / n / 1000 * 1e6:.3f} us per recipient, 1,000 recipients per message")
@@ -226,11 +232,7 @@ async def main() -> None:
         )
 
     if "W2" in shapes:
-        hub = _hub(validation)
-        w2 = Topic("channel", "market:tick:X")
-        hub.channels[b"market:tick:X"] = w2
-        for s in [_session(hub, transport) for _ in range(50)]:
-            hub.attach(s, w2)
+        hub = _one_channel(validation, transport, 50)
         reads, per_read = 20_000, 10
         dt = _least(repeat, lambda: _run_reads(hub, b"market:tick:X", reads, per_read, payload))
         print(
